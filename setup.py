@@ -1,0 +1,36 @@
+"""trtllm: a PyTorch-frontend tracing compiler for LLM inference.
+
+Each top-level folder is a subpackage of the one import name `trtllm` (DESIGN.md §2).
+"""
+
+from setuptools import setup
+
+PACKAGE_DIRS = {
+    "trtllm": "trtllm",
+    "trtllm.frontend": "frontend",
+    "trtllm.frontend.tracer": "frontend/tracer",
+    "trtllm.fusion": "fusion",
+    "trtllm.lowering": "lowering",
+    "trtllm.kernels": "kernels",
+    "trtllm.runtime": "runtime",
+}
+
+setup(
+    name="trtllm",
+    version="0.1.0",
+    description="Trace, fuse and lower PyTorch LLMs into fast inference engines",
+    python_requires=">=3.11",
+    packages=list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    install_requires=[
+        "torch>=2.11",
+        "transformers>=5.17,<6",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["trtllm=trtllm.frontend.cli:main"]},
+)
