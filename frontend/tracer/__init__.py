@@ -1,0 +1,105 @@
+"""Model -> canonical aten `GraphModule` (DESIGN.md §3, stage 1).
+
+`trace(model, dtype=..., device=...)` returns a `TracedModel` whose graph takes packed
+`input_ids [1, T]` and `position_ids [1, T]` (T dynamic), has `meta["val"]` on every node,
+reads weights through `get_attr`, and shows attention as `trtllm::attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trtllm.kernels.errors import UnsupportedModelError
+from trtllm.lowering.spec import ModelSpec
+
+from .export import TracedModel, export
+from .hf import check_supported
+
+__all__ = ["TracedModel", "trace"]
+
+
+def trace(model: torch.nn.Module, *, dtype: torch.dtype, device: torch.device, max_num_tokens: int = 8192) -> TracedModel:
+    """Trace `model` (an HF causal LM or a module returning logits) for `dtype` on `device`."""
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(f"trtllm compiles torch.nn.Module objects, got {type(model).__name__}")
+    check_supported(model)
+    try:
+        graph_module, weights = export(model, dtype, device, max_num_tokens)
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:  # torch.export raises many types; name the model and the cause
+        cause = exc.__cause__ if isinstance(exc.__cause__, UnsupportedModelError) else None
+        if cause is not None:
+            raise cause from None
+        raise UnsupportedModelError(
+            f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {str(exc)[:2000]}"
+        ) from exc
+    _strip_checks(graph_module)
+    graph_module.graph._codegen = torch.fx.graph.CodeGen()  # plain positional inputs, tuple output
+    graph_module.recompile()
+    spec = _spec(model, graph_module)
+    return TracedModel(graph_module=graph_module, weights=weights, spec=spec)
+
+
+_CHECK_OPS = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.alias.default)
+
+
+def _strip_checks(gm: torch.fx.GraphModule) -> None:
+    """Drop export's runtime guards and metadata asserts; they bake in the trace device."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _CHECK_OPS:
+            if node.target is torch.ops.aten.alias.default:
+                node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _spec(model: torch.nn.Module, gm: torch.fx.GraphModule) -> ModelSpec:
+    attention = [n for n in gm.graph.nodes if n.target is torch.ops.trtllm.attention.default]
+    name = type(model).__name__
+    if not attention:
+        raise UnsupportedModelError(
+            f"{name}: no attention reached transformers' AttentionInterface during the trace; "
+            "its attention bypasses the interface, so trtllm cannot attach a KV cache"
+        )
+    kv_shapes = {tuple(n.args[1].meta["val"].shape[2:]) for n in attention}  # {(Hkv, D)}
+    if len(kv_shapes) != 1:
+        raise UnsupportedModelError(f"{name}: layers have different K/V shapes {sorted(kv_shapes)}")
+    (num_kv_heads, head_dim), = kv_shapes
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    logits = output.args[0][0].meta["val"]
+    config = getattr(model, "config", None)
+    return ModelSpec(
+        architecture=name,
+        num_layers=len(attention),
+        num_kv_heads=int(num_kv_heads),
+        head_dim=int(head_dim),
+        vocab_size=int(logits.shape[-1]),
+        max_position_embeddings=_max_positions(config),
+        eos_token_ids=_eos_ids(model, config),
+        pad_token_id=getattr(config, "pad_token_id", None),
+    )
+
+
+def _max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _eos_ids(model: torch.nn.Module, config) -> tuple[int, ...]:
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)

@@ -1,0 +1,137 @@
+"""Trace a causal LM to the canonical aten graph of DESIGN.md §3 with `torch.export`.
+
+    input_ids [1, T], position_ids [1, T]  (T dynamic: all sequences of a step, packed)
+      -> logits [1, T, V]
+
+The model is traced with fake parameters of the target dtype on the target device, so tracing
+neither copies nor casts the user's weights; `TracedModel.weights` maps every `get_attr`
+target to the user's own tensor, which lowering prepares once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.nn.utils import stateless
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from trtllm.kernels.errors import UnsupportedModelError
+from trtllm.lowering.spec import ModelSpec
+
+from . import hf
+
+
+
+class _CausalLM(torch.nn.Module):
+    """`forward(input_ids, position_ids) -> logits`, whatever the model returns."""
+
+    def __init__(self, model: torch.nn.Module, takes_position_ids: bool):
+        super().__init__()
+        self.model = model
+        self.takes_position_ids = takes_position_ids
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.takes_position_ids:
+            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        else:
+            out = self.model(input_ids)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@dataclass(frozen=True)
+class TracedModel:
+    graph_module: torch.fx.GraphModule  # canonical graph; its parameters are fake
+    weights: dict[str, torch.Tensor]  # get_attr target -> the user's own tensor (not a copy)
+    spec: ModelSpec  # shapes the KV cache and the runtime need
+
+
+def _fake_state(wrapper: torch.nn.Module, fake_mode: FakeTensorMode, dtype, device) -> dict:
+    """Fake parameters (cast to `dtype`) and buffers (own dtype), tied tensors kept tied."""
+    by_id: dict[int, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    with fake_mode:
+        for name, p in wrapper.named_parameters(remove_duplicate=False):
+            if id(p) not in by_id:
+                p_dtype = dtype if p.is_floating_point() else p.dtype
+                fake = torch.empty(p.shape, dtype=p_dtype, device=device)
+                by_id[id(p)] = torch.nn.Parameter(fake, requires_grad=False)
+            state[name] = by_id[id(p)]
+        for name, b in wrapper.named_buffers(remove_duplicate=False):
+            if id(b) not in by_id:
+                by_id[id(b)] = torch.empty(b.shape, dtype=b.dtype, device=device)
+            state[name] = by_id[id(b)]
+    return state
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _takes_position_ids(model: torch.nn.Module) -> bool:
+    import inspect
+
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _decompositions() -> dict:
+    """Core aten, but keep `aten.linear` whole: fusion and lowering match GEMMs on it."""
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.linear.default, None)
+    return table
+
+
+def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, max_num_tokens: int):
+    """Run torch.export on the user's model; returns (graph_module, weights)."""
+    wrapper = _CausalLM(model, _takes_position_ids(model))
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    fake_state = _fake_state(wrapper, fake_mode, dtype, device)
+    with fake_mode:
+        ids = torch.zeros((1, 8), dtype=torch.long, device=device)  # [1, T]
+        pos = torch.zeros((1, 8), dtype=torch.long, device=device)  # [1, T]
+    tokens = Dim("num_tokens", min=1, max=max(max_num_tokens, 16))
+    dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens}}
+    with _eval_mode(model), hf.routed_attention(model), torch.no_grad():
+        with stateless._reparametrize_module(wrapper, fake_state, tie_weights=True):
+            program = torch.export.export(wrapper, (ids, pos), dynamic_shapes=dynamic, strict=False)
+    program = program.run_decompositions(_decompositions())
+    real = dict(wrapper.named_parameters(remove_duplicate=False))
+    real.update(wrapper.named_buffers(remove_duplicate=False))
+    graph_module = program.module()
+    weights = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            weights[node.target] = _real_attr(graph_module, node.target, real)
+    return graph_module, weights
+
+
+def _real_attr(graph_module: torch.fx.GraphModule, target: str, real: dict) -> torch.Tensor:
+    """The user's tensor behind a get_attr, or a constant that tracing made (real, not fake)."""
+    if target in real:
+        return real[target]
+    value = _getattr(graph_module, target)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+        return value
+    raise UnsupportedModelError(
+        f"the traced graph reads {target!r}, a tensor computed from the weights at trace time; "
+        "trtllm needs it to be a parameter or buffer of the model"
+    )
+
+
+def _getattr(module: torch.nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,142 @@
+"""`Engine`: a fused graph plus prepared weights, run one step at a time (DESIGN.md §3, §6).
+
+On disk an engine is a folder:
+    engine.json          format version, `ModelSpec`, target, dtype, device, the graph as JSON
+                         (lowering/serialize.py), and which weight names share storage
+    weights.safetensors  every weight once, by its graph name
+Loading reads JSON and safetensors only; it never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.fx import Graph, GraphModule
+from tqdm.auto import tqdm
+
+from trtllm.kernels.errors import LoweringError, TrtllmError
+
+from .registry import Registry, default_registry
+from .serialize import graph_from_json, graph_to_json
+from .spec import ModelSpec
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Engine:
+    """Runs the step graph: `engine(input_ids=..., position_ids=..., ...) -> logits [N, V]`."""
+
+    def __init__(self, graph: Graph, weights: dict[str, torch.Tensor], spec: ModelSpec, *,
+                 target: str = "native", registry: Registry | None = None):
+        self.graph = graph  # the fused graph, ops by canonical name (what `save` writes)
+        self.weights = weights  # get_attr target -> prepared tensor
+        self.spec = spec
+        self.target = target
+        self.input_names = [n.target for n in graph.nodes if n.op == "placeholder"]
+        self.device, self.dtype = _device_and_dtype(weights)
+        self._module = _executable(graph, weights, target, registry or default_registry())
+
+    @torch.inference_mode()
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        missing = set(self.input_names) - set(inputs)
+        if missing:
+            raise LoweringError(f"engine step is missing inputs {sorted(missing)}")
+        (logits,) = self._module(*(inputs[name] for name in self.input_names))
+        return logits[0]  # [N, V]
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        unique, aliases = _dedup(self.weights)
+        save_file({k: v.contiguous() for k, v in unique.items()}, str(path / "weights.safetensors"))
+        meta = {
+            "format_version": FORMAT_VERSION, "spec": self.spec.to_json(), "target": self.target,
+            "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+            "weight_aliases": aliases, "graph": graph_to_json(self.graph),
+        }
+        (path / "engine.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> Engine:
+        path = Path(path)
+        meta_path = path / "engine.json"
+        if not meta_path.is_file():
+            raise TrtllmError(f"{path} is not a trtllm engine folder (no engine.json)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise TrtllmError(f"{path}: engine format {meta.get('format_version')}, this trtllm reads {FORMAT_VERSION}")
+        saved_device = torch.device(meta["device"])
+        if device is not None and torch.device(device) != saved_device:
+            raise TrtllmError(f"{path} was built for {saved_device}; rebuild it for {device}")
+        weights = load_file(str(path / "weights.safetensors"), device=str(saved_device))
+        for name, source in meta["weight_aliases"].items():
+            weights[name] = weights[source]
+        graph = graph_from_json(meta["graph"])
+        return cls(graph, weights, ModelSpec.from_json(meta["spec"]), target=meta["target"])
+
+
+def prepare_weights(gm: GraphModule, weights: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """Each get_attr target's tensor in the dtype the graph was traced for, on `device`.
+
+    Tensors tied in the model stay one tensor. A tensor already right is used as it is.
+    """
+    done: dict[int, torch.Tensor] = {}
+    prepared = {}
+    for name, tensor in tqdm(weights.items(), desc="preparing weights", leave=False, disable=len(weights) < 64):
+        traced = _getattr(gm, name)
+        if id(tensor) not in done:
+            done[id(tensor)] = tensor.detach().to(device=device, dtype=traced.dtype)
+        prepared[name] = done[id(tensor)]
+    return prepared
+
+
+def _getattr(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _device_and_dtype(weights: dict[str, torch.Tensor]) -> tuple[torch.device, torch.dtype]:
+    floats = [w for w in weights.values() if w.is_floating_point()]
+    if not floats:
+        raise LoweringError("engine has no floating-point weights")
+    big = max(floats, key=lambda w: w.numel())
+    return big.device, big.dtype
+
+
+def _executable(graph: Graph, weights: dict, target: str, registry: Registry) -> GraphModule:
+    """A GraphModule over a copy of `graph` with each trtllm op replaced by its chosen impl."""
+    exec_graph = Graph()
+    out = exec_graph.graph_copy(graph, {})
+    exec_graph.output(out)
+    for node in exec_graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "namespace", None) == "trtllm":
+            node.target = registry.choose(node, target).fn
+    root = torch.nn.Module()
+    for name, tensor in weights.items():
+        owner = root
+        *parents, leaf = name.split(".")
+        for part in parents:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_buffer(leaf, tensor, persistent=False)
+    return GraphModule(root, exec_graph)
+
+
+def _dedup(weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Split tensors that share storage into one stored copy and name aliases."""
+    seen: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name, tensor in weights.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor
+    return unique, aliases
