@@ -1,0 +1,191 @@
+"""`trtllm.compile`, `CompiledModel` and `trtllm.load`: the public face of DESIGN.md §1."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from trtllm.fusion import run_passes
+from trtllm.kernels.errors import ConfigError, RequestError, TrtllmError
+from trtllm.lowering.engine import Engine, prepare_weights
+from trtllm.runtime.kv_cache import KVCachePool
+from trtllm.runtime.llm_engine import LLMEngine, RuntimeConfig
+from trtllm.runtime.sampling_params import GenerationOutput, SamplingParams
+
+from .config import BuildConfig
+from .tracer import trace
+
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -> CompiledModel:  # noqa: A001
+    """Trace, fuse and lower `model` into an engine; see `BuildConfig` for the options."""
+    unknown = set(options) - {f.name for f in dataclasses.fields(BuildConfig)}
+    if unknown:
+        raise ConfigError(f"unknown compile option(s) {sorted(unknown)}")
+    if patterns:
+        raise ConfigError("user fusion patterns are not supported yet (they arrive with the fusion issue)")
+    config = BuildConfig(**options)
+    config.validate()
+    start = time.perf_counter()
+    traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device(),
+                   max_num_tokens=config.max_num_tokens)
+    reports = run_passes(traced.graph_module)
+    weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
+    engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
+    compiled = CompiledModel(engine, config, tokenizer=tokenizer)
+    compiled.compile_seconds = time.perf_counter() - start
+    compiled.pass_reports = reports
+    return compiled
+
+
+def load(path: str | Path, *, tokenizer=None, device: str | None = None, **runtime_options) -> CompiledModel:
+    """Load an engine folder written by `CompiledModel.save`; no re-tracing."""
+    path = Path(path)
+    engine = Engine.load(path, device=device)
+    meta = json.loads((path / "trtllm.json").read_text()) if (path / "trtllm.json").is_file() else {}
+    config = dataclasses.replace(BuildConfig(**meta.get("build_config", {})), **runtime_options)
+    config.validate()
+    if tokenizer is None and (path / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+    return CompiledModel(engine, config, tokenizer=tokenizer)
+
+
+class CompiledModel:
+    """An engine plus its runtime: call it for logits, or `generate` tokens."""
+
+    def __init__(self, engine: Engine, config: BuildConfig, tokenizer=None):
+        self.engine = engine
+        self.config = config
+        self.tokenizer = tokenizer
+        self.compile_seconds: float | None = None
+        self.pass_reports: list = []
+        self.runtime = LLMEngine(engine, _runtime_config(engine, config))
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.runtime.config.max_seq_len
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, S, V]` of every position, like `model(input_ids).logits`."""
+        input_ids = _as_ids_tensor(input_ids)
+        if input_ids.shape[1] > self.max_seq_len:
+            raise RequestError(f"input has {input_ids.shape[1]} tokens, beyond max_seq_len={self.max_seq_len}")
+        return self.runtime.logits(input_ids)
+
+    def generate(self, prompts, sampling_params: SamplingParams | None = None, **hf_kwargs):
+        """Lists of token ids (or strings, with a tokenizer) -> `list[GenerationOutput]`;
+        a `[B, S]` tensor plus transformers' keyword arguments -> a `[B, S + new]` tensor."""
+        if isinstance(prompts, torch.Tensor):
+            if sampling_params is not None:
+                raise RequestError("pass transformers-style keyword arguments with a tensor, not SamplingParams")
+            return self._generate_tensor(prompts, **hf_kwargs)
+        if hf_kwargs:
+            raise RequestError(f"keyword arguments {sorted(hf_kwargs)} go with tensor prompts; use SamplingParams")
+        params = sampling_params or SamplingParams()
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise RequestError("prompts must be a non-empty list of token-id lists (or strings)")
+        token_lists = [self._encode(p) for p in prompts]
+        for ids in token_lists:
+            self._check_length(ids, params.max_new_tokens)
+        outputs = self.runtime.generate(token_lists, params)
+        if self.tokenizer is not None:
+            for out in outputs:
+                out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        return outputs
+
+    def save(self, path: str | Path) -> None:
+        """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer."""
+        path = Path(path)
+        self.engine.save(path)
+        (path / "trtllm.json").write_text(json.dumps({"build_config": dataclasses.asdict(self.config)}, indent=1))
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(path / "tokenizer"))
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("string prompts need a tokenizer: compile(model, tokenizer=...)")
+            return list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)):
+            raise RequestError(f"a prompt must be a list of token ids or a string, got {type(prompt).__name__}")
+        return list(prompt)
+
+    def _check_length(self, ids: list[int], max_new_tokens: int) -> None:
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise RequestError(
+                f"prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} exceeds "
+                f"max_seq_len={self.max_seq_len}; shorten the prompt or compile with a larger max_seq_len"
+            )
+
+    def _generate_tensor(self, input_ids: torch.Tensor, *, max_new_tokens: int = 20, do_sample: bool = False,
+                         temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, num_beams: int = 1,
+                         eos_token_id=None, pad_token_id=None, **unknown) -> torch.Tensor:
+        if unknown:
+            raise RequestError(f"unsupported generate() keyword arguments {sorted(unknown)}")
+        input_ids = _as_ids_tensor(input_ids)
+        eos = self.engine.spec.eos_token_ids if eos_token_id is None else (
+            tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),))
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+            top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0,
+            num_beams=num_beams, stop_token_ids=eos, ignore_eos=True,
+        )
+        outputs = self.generate(input_ids.tolist(), params)
+        pad = pad_token_id if pad_token_id is not None else self.engine.spec.pad_token_id
+        if pad is None:
+            pad = eos[0] if eos else 0
+        width = max(len(o.token_ids) for o in outputs)
+        new = torch.full((len(outputs), width), pad, dtype=input_ids.dtype)
+        for row, out in enumerate(outputs):
+            new[row, : len(out.token_ids)] = torch.tensor(out.token_ids, dtype=input_ids.dtype)
+        return torch.cat([input_ids.cpu(), new], dim=1).to(input_ids.device)
+
+
+def _as_ids_tensor(input_ids) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids = torch.tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise RequestError(f"input_ids must be [batch, seq_len] with seq_len >= 1, got shape {list(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise RequestError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    return input_ids
+
+
+def _runtime_config(engine: Engine, config: BuildConfig) -> RuntimeConfig:
+    spec = engine.spec
+    max_seq_len = config.max_seq_len or min(spec.max_position_embeddings or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+    return RuntimeConfig(
+        max_batch_size=config.max_batch_size, max_num_tokens=config.max_num_tokens, max_seq_len=max_seq_len,
+        block_size=config.block_size, num_blocks=_num_blocks(engine, config),
+    )
+
+
+def _num_blocks(engine: Engine, config: BuildConfig) -> int | None:
+    """KV blocks from `kv_cache_memory`: bytes, or a fraction of the free GPU memory."""
+    budget = config.kv_cache_memory
+    if budget is None:
+        return None
+    if isinstance(budget, float):
+        if engine.device.type != "cuda":
+            raise ConfigError("kv_cache_memory as a fraction needs a GPU; give a number of bytes on CPU")
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        budget = int(free * budget)
+    spec = engine.spec
+    per_block = KVCachePool.bytes_per_block(spec.num_layers, spec.num_kv_heads, config.block_size,
+                                            spec.head_dim, engine.dtype)
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ConfigError(f"kv_cache_memory={config.kv_cache_memory} holds no {per_block}-byte KV block")
+    return math.floor(blocks)

@@ -1,0 +1,61 @@
+"""`BuildConfig`: the arguments of `trtllm.compile`, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trtllm.kernels.errors import ConfigError
+
+# Compute dtypes by their public names. fp8/int8/int4 arrive with the quantization issue.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LATER_DTYPES = ("fp8", "int8", "int4")
+BACKENDS = ("native", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    dtype: str = "bf16"  # compute dtype: "bf16", "fp16" or "fp32"
+    max_batch_size: int = 8  # sequences in one step
+    max_seq_len: int | None = None  # prompt + generated tokens (None: the model's positions, at most 2048)
+    max_num_tokens: int = 2048  # tokens in one step; longer prompts are split
+    kv_cache_dtype: str | None = None  # None: the compute dtype
+    kv_cache_memory: int | float | None = None  # bytes, or a fraction of free GPU memory (None: enough for max_batch_size full sequences)
+    block_size: int = 32  # tokens per KV-cache block
+    tensor_parallel: int = 1  # GPUs per model (only 1 for now)
+    backend: str = "native"  # "native" (our kernels and torch) or "tensorrt"
+    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (arrives with the runtime issue)
+    device: str | None = None  # None: "cuda" if available, else "cpu"
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def validate(self) -> None:
+        if self.dtype in LATER_DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not supported yet; use one of {sorted(DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
+        if self.kv_cache_dtype not in (None, self.dtype):
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; leave it None")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; use one of {BACKENDS}")
+        if self.backend == "tensorrt":
+            raise ConfigError("backend='tensorrt' is not built yet; use backend='native'")
+        if self.tensor_parallel != 1:
+            raise ConfigError(f"tensor_parallel={self.tensor_parallel} is not supported yet; use 1")
+        for name in ("max_batch_size", "max_num_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ConfigError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
+        if isinstance(self.kv_cache_memory, float) and not 0 < self.kv_cache_memory <= 1:
+            raise ConfigError(f"kv_cache_memory as a fraction must be in (0, 1], got {self.kv_cache_memory}")
+        device = self.torch_device()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={self.device!r} asked for, but torch sees no CUDA GPU")

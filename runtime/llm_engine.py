@@ -1,0 +1,135 @@
+"""`LLMEngine`: the loop that `generate` (and later `stream` and the servers) drive.
+
+Each `step()` asks the scheduler for one batch, runs it, samples, and hands the sampled tokens
+back to the scheduler: new requests join the running batch at the next step and finished ones
+leave (in-flight batching).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from trtllm.kernels.errors import ConfigError, RequestError
+from trtllm.lowering.engine import Engine
+
+from .kv_cache import KVCachePool
+from .model_runner import ModelRunner
+from .sampler import make_generator, sample
+from .sampling_params import GenerationOutput, SamplingParams
+from .scheduler import Request, ScheduledSequence, Scheduler
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    max_batch_size: int = 8  # sequences in one step
+    max_num_tokens: int = 2048  # tokens in one step (longer prompts are split)
+    max_seq_len: int = 2048  # prompt plus generated tokens of one request
+    block_size: int = 32  # tokens per KV-cache block
+    num_blocks: int | None = None  # KV-cache blocks (None: enough for max_batch_size full sequences)
+
+    def blocks(self) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        return self.max_batch_size * math.ceil(self.max_seq_len / self.block_size)
+
+
+class LLMEngine:
+    def __init__(self, engine: Engine, config: RuntimeConfig = RuntimeConfig()):
+        spec = engine.spec
+        if spec.max_position_embeddings is not None and config.max_seq_len > spec.max_position_embeddings:
+            raise ConfigError(
+                f"max_seq_len={config.max_seq_len} exceeds the model's {spec.max_position_embeddings} positions"
+            )
+        self.engine = engine
+        self.config = config
+        self.pool = KVCachePool(spec.num_layers, config.blocks(), spec.num_kv_heads, config.block_size,
+                                spec.head_dim, engine.dtype, engine.device)
+        self.scheduler = Scheduler(config.block_size, self.pool.num_blocks, config.max_batch_size,
+                                   config.max_num_tokens, config.max_seq_len)
+        self.runner = ModelRunner(engine, self.pool)
+        self._params: dict[str, tuple[SamplingParams, torch.Generator | None]] = {}
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; it joins the running batch at the next step. Returns its id."""
+        params.validate()
+        self.check_prompt(prompt_token_ids)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.engine.spec.eos_token_ids))
+        request = Request(request_id, list(prompt_token_ids), params.max_new_tokens, frozenset(stop))
+        self.scheduler.add_request(request)
+        self._params[request_id] = (params, make_generator(params, self.engine.device))
+        self._requests[request_id] = request
+        return request_id
+
+    def check_prompt(self, prompt_token_ids: list[int]) -> None:
+        if len(prompt_token_ids) == 0:
+            raise RequestError("prompt is empty: give at least one token")
+        vocab = self.engine.spec.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt holds token id {bad[0]!r}, outside the vocabulary [0, {vocab})")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[GenerationOutput]:
+        """Run one batch; returns the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch.sequences:
+            return []
+        logits = self.runner.execute(batch)  # [N, V]
+        sampling = [s for s in batch.sequences if s.samples]
+        params = [self._params[s.request_id] for s in sampling]
+        tokens = sample(logits, [p for p, _ in params], [g for _, g in params])
+        finished = self.scheduler.update(batch, {s.request_id: t for s, t in zip(sampling, tokens)})
+        return [self._finish(r) for r in finished]
+
+    def _finish(self, request: Request) -> GenerationOutput:
+        del self._params[request.request_id]
+        del self._requests[request.request_id]
+        return GenerationOutput(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
+                                finish_reason=request.finish_reason)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[GenerationOutput]:
+        """Run `prompts` to completion; outputs in the order of `prompts`."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        for prompt, p in zip(prompts, params_list):  # validate all before queueing any
+            p.validate()
+            self.check_prompt(prompt)
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
+        done: dict[str, GenerationOutput] = {}
+        try:
+            while len(done) < len(ids):
+                done.update((o.request_id, o) for o in self.step())
+        finally:
+            for request_id in set(ids) - set(done):  # an error mid-way must not leak blocks
+                self.abort(request_id)
+        return [done[i] for i in ids]
+
+    def abort(self, request_id: str) -> bool:
+        self._params.pop(request_id, None)
+        self._requests.pop(request_id, None)
+        return self.scheduler.abort(request_id)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Every position's logits `[B, S, V]`, each row a separate sequence (stateless)."""
+        batch, length = input_ids.shape
+        for row in input_ids.tolist():
+            self.check_prompt(row)
+        block_size = self.pool.block_size
+        per_seq = math.ceil(length / block_size)
+        pool = KVCachePool(self.pool.num_layers, batch * per_seq, self.pool.num_kv_heads, block_size,
+                           self.pool.head_dim, self.pool.dtype, self.engine.device)
+        sequences = [
+            ScheduledSequence(f"row-{b}", row, list(range(length)), length,
+                              list(range(b * per_seq, (b + 1) * per_seq)), True, True)
+            for b, row in enumerate(input_ids.tolist())
+        ]
+        logits = ModelRunner(self.engine, pool).run(sequences, list(range(batch * length)), num_prefills=batch)
+        return logits.view(batch, length, -1)  # [B, S, V]

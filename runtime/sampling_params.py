@@ -1,0 +1,62 @@
+"""`SamplingParams` and `GenerationOutput`: what a request asks for and what it gets back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trtllm.kernels.errors import RequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each new token. The defaults decode greedily, as `transformers` does."""
+
+    max_new_tokens: int = 16  # generate at most this many tokens
+    temperature: float = 0.0  # 0: greedy (argmax); > 0: sample from softmax(logits / temperature)
+    top_k: int = 0  # sample among the k most likely tokens (0: all)
+    top_p: float = 1.0  # sample among the most likely tokens whose probabilities add up to top_p
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    repetition_penalty: float = 1.0  # not supported yet: must stay 1.0
+    presence_penalty: float = 0.0  # not supported yet: must stay 0.0
+    frequency_penalty: float = 0.0  # not supported yet: must stay 0.0
+    seed: int | None = None  # per-request random seed for sampling
+    stop_token_ids: tuple[int, ...] = ()  # finish when one of these is generated (kept in the output)
+    stop: tuple[str, ...] = ()  # not supported yet: must be empty
+    ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens
+    num_beams: int = 1  # not supported yet: must stay 1
+    length_penalty: float = 1.0  # beam search only
+    n: int = 1  # not supported yet: must stay 1
+    logprobs: int | None = None  # not supported yet: must stay None
+
+    def validate(self) -> None:
+        """Raise `RequestError` naming the first invalid or not-yet-supported field."""
+        if self.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        unsupported = {
+            "repetition_penalty": (self.repetition_penalty, 1.0), "presence_penalty": (self.presence_penalty, 0.0),
+            "frequency_penalty": (self.frequency_penalty, 0.0), "stop": (tuple(self.stop), ()),
+            "num_beams": (self.num_beams, 1), "n": (self.n, 1), "logprobs": (self.logprobs, None),
+        }
+        for name, (value, default) in unsupported.items():
+            if value != default:
+                raise RequestError(f"SamplingParams.{name}={value!r} is not supported yet (leave it at {default!r})")
+
+
+@dataclass
+class GenerationOutput:
+    """One finished request."""
+
+    request_id: str  # as given to, or made by, the engine
+    prompt_token_ids: list[int]  # the prompt as the model saw it
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens only
+    text: str | None = None  # decoded token_ids, when the model has a tokenizer
+    finish_reason: str | None = None  # "stop" (a stop or EOS token), "length" or "abort"
+    logprobs: list[float] | None = None  # log-probability of each generated token, when asked
