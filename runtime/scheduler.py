@@ -1,0 +1,361 @@
+"""The scheduler: which tokens of which requests the next forward pass computes.
+
+The contract: `schedule()` makes one forward pass's batch, and `update()` records what that
+pass produced; the two alternate. There is one token budget per step (`max_num_tokens`), not
+separate prefill and decode paths: a request simply has known tokens (prompt + output so far)
+of which `num_computed_tokens` already have K/V in the cache, and each step feeds some of the
+rest. A prompt longer than the budget left is fed in chunks over several steps (chunked
+prefill); a decode feeds exactly one token, the last one generated.
+
+Each step, in this order:
+
+1. Running requests that decode, oldest first. Each needs a slot for one more token; when its
+   context crosses a block boundary it takes a new block. When no block is free, the running
+   request that arrived last (and is not in this batch yet) is preempted: its blocks are freed,
+   its `num_computed_tokens` drops to 0 and it goes back to the front of the waiting queue.
+   Its output so far is kept; when re-admitted it prefills prompt + output again and goes on,
+   so preemption does not change the tokens that come out (recomputation, as in vLLM).
+2. Running requests in the middle of a chunked prefill, oldest first, with the budget left.
+   A chunk shrinks to the blocks that are free; only when not one token fits does it preempt
+   later requests, and if it is itself the latest it waits a step, keeping its blocks.
+3. Waiting requests, first in first out, while fewer than `max_batch_size` requests run, the
+   budget lasts and the blocks of their first chunk are free. None are admitted in a step
+   that preempted (the blocks just freed go to the requests already running).
+
+The batch lists prefills first, then decodes (DESIGN.md §5). A request whose whole context can
+never fit in the cache, or that is longer than `max_seq_len`, is rejected by `add_request`;
+any other request is never failed because the cache is full.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from trtllm.kernels.errors import ConfigError, RequestError
+from trtllm.runtime.kv_cache import BlockAllocator
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()  # queued: no blocks, nothing in the cache
+    RUNNING = enum.auto()  # admitted: holds blocks, scheduled every step it can be
+    FINISHED = enum.auto()  # done (stop, length or abort): blocks freed
+
+
+@dataclass
+class Request:
+    """The scheduler's own record of one request (mutable: the scheduler updates it)."""
+
+    request_id: str  # unique among unfinished requests
+    prompt_token_ids: list[int]  # the prompt, at least one token
+    max_new_tokens: int  # finish with "length" after this many output tokens
+    stop_token_ids: frozenset[int] = frozenset()  # finish with "stop"; the caller puts EOS here
+    output_token_ids: list[int] = field(default_factory=list)  # generated so far, stop token included
+    block_ids: list[int] = field(default_factory=list)  # block table: block of token p is [p // block_size]
+    num_computed_tokens: int = 0  # leading tokens of all_token_ids whose K/V are in the cache
+    status: RequestStatus = RequestStatus.WAITING  # which queue it is in
+    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    arrival_index: int = -1  # FIFO order, set by add_request; later arrivals are preempted first
+    num_preemptions: int = 0  # times it was preempted and had to recompute its cache
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by the output so far."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """len(all_token_ids)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    """One request's share of a step."""
+
+    request_id: str  # the request these tokens belong to
+    token_ids: list[int]  # tokens fed this step: all_token_ids[context_len - len(token_ids):context_len]
+    positions: list[int]  # their positions, consecutive, ending at context_len - 1
+    context_len: int  # tokens in the cache after this step: num_computed_tokens + len(token_ids)
+    block_ids: list[int]  # block table, exactly ceil(context_len / block_size) blocks
+    is_prefill: bool  # False only for a decode: one token fed, the last generated one
+    samples: bool  # this step reaches the end of the known tokens, so it yields the next token
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    """One forward pass: prefill sequences first, then decodes. Empty when nothing can run."""
+
+    sequences: tuple[ScheduledSequence, ...] = ()  # prefills (chunks included), then decodes
+
+    @property
+    def num_prefills(self) -> int:
+        return sum(s.is_prefill for s in self.sequences)
+
+    @property
+    def num_decodes(self) -> int:
+        return len(self.sequences) - self.num_prefills
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences if s.is_prefill)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+
+@dataclass
+class _Step:
+    """Working state of one schedule() call; never outlives it."""
+
+    token_budget: int  # tokens this step may still feed
+    prefills: list[ScheduledSequence] = field(default_factory=list)  # in scheduling order
+    decodes: list[ScheduledSequence] = field(default_factory=list)  # in scheduling order
+    scheduled_ids: set[str] = field(default_factory=set)  # requests already in the batch
+    num_preempted: int = 0  # requests preempted this step
+
+
+class Scheduler:
+    """Waiting and running queues over a `BlockAllocator`; see the module docstring."""
+
+    def __init__(
+        self, block_size: int, num_blocks: int, max_batch_size: int, max_num_tokens: int, max_seq_len: int
+    ) -> None:
+        limits = dict(
+            block_size=block_size,
+            num_blocks=num_blocks,
+            max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens,
+            max_seq_len=max_seq_len,
+        )
+        for name, value in limits.items():
+            if value < 1:
+                raise ConfigError(f"scheduler {name} must be at least 1, got {value}")
+        self.block_size = block_size
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.max_seq_len = max_seq_len
+        self._allocator = BlockAllocator(num_blocks)
+        self._waiting: deque[Request] = deque()  # FIFO; preempted requests go back to the front
+        self._running: list[Request] = []  # sorted by arrival_index
+        self._requests: dict[str, Request] = {}  # every unfinished request, by id
+        self._next_arrival_index = 0
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._allocator.num_free
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self._allocator.num_total
+
+    # -- requests in and out ---------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Validate and queue a fresh request; RequestError (and nothing queued) if it can never run."""
+        self._validate(request)
+        request.status = RequestStatus.WAITING
+        request.arrival_index = self._next_arrival_index
+        self._next_arrival_index += 1
+        self._waiting.append(request)
+        self._requests[request.request_id] = request
+
+    def _validate(self, request: Request) -> None:
+        rid = request.request_id
+        num_prompt = len(request.prompt_token_ids)
+        if rid in self._requests:
+            raise RequestError(f"request id {rid!r} is already in use by an unfinished request")
+        if num_prompt == 0:
+            raise RequestError(f"request {rid!r} has an empty prompt; give at least one token")
+        if request.max_new_tokens < 1:
+            raise RequestError(f"request {rid!r}: max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        if request.output_token_ids or request.block_ids or request.num_computed_tokens:
+            raise RequestError(f"request {rid!r} is not fresh: it already has output, blocks or cache")
+        num_total = num_prompt + request.max_new_tokens
+        if num_total > self.max_seq_len:
+            raise RequestError(
+                f"request {rid!r}: prompt of {num_prompt} tokens + max_new_tokens {request.max_new_tokens} "
+                f"= {num_total} exceeds max_seq_len {self.max_seq_len}; shorten it or raise max_seq_len"
+            )
+        # The last output token is sampled but never fed, so the cache holds num_total - 1 tokens.
+        num_blocks = _cdiv(num_total - 1, self.block_size)
+        if num_blocks > self._allocator.num_total:
+            raise RequestError(
+                f"request {rid!r}: {num_total - 1} tokens of context need {num_blocks} KV cache blocks "
+                f"of {self.block_size} tokens, but the cache has only {self._allocator.num_total}; "
+                f"shorten it or give the KV cache more memory"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request now with "abort", freeing its blocks; False if no such unfinished request."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+        else:
+            self._waiting.remove(request)
+        self._finish(request, "abort")
+        return True
+
+    # -- one step --------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        """Make the next forward pass's batch (see the module docstring for the order)."""
+        # The budget has a token for every running request: admission only happens while the
+        # budget lasts after all of them, so len(running) <= max_num_tokens.
+        step = _Step(token_budget=self.max_num_tokens)
+        for request in [r for r in self._running if _is_decode(r)]:
+            if request.status is RequestStatus.RUNNING:  # not preempted earlier in this loop
+                self._schedule_decode(request, step)
+        for request in [r for r in self._running if not _is_decode(r)]:
+            if request.status is RequestStatus.RUNNING:  # not preempted by a decode
+                self._schedule_prefill_chunk(request, step)
+        if step.num_preempted == 0:
+            self._admit_waiting(step)
+        return ScheduledBatch(tuple(step.prefills + step.decodes))
+
+    def _schedule_decode(self, request: Request, step: _Step) -> None:
+        if self._reserve(request, request.num_computed_tokens + 1, step):
+            self._add_to_step(request, 1, step)
+        else:  # it is the latest request left: it gives its own blocks up
+            self._preempt(request, step)
+
+    def _schedule_prefill_chunk(self, request: Request, step: _Step) -> None:
+        num_new = min(request.num_tokens - request.num_computed_tokens, step.token_budget)
+        if self._num_slots(request) == 0 and not self._reserve(request, request.num_computed_tokens + 1, step):
+            return  # the latest request left and nothing free: wait a step, keep the blocks
+        num_new = min(num_new, self._num_slots(request))
+        reserved = self._reserve(request, request.num_computed_tokens + num_new, step)
+        assert reserved, "a chunk that fits the free slots needs no preemption"
+        self._add_to_step(request, num_new, step)
+
+    def _admit_waiting(self, step: _Step) -> None:
+        while self._waiting and step.token_budget > 0 and len(self._running) < self.max_batch_size:
+            request = self._waiting[0]
+            num_new = min(request.num_tokens, step.token_budget)
+            num_blocks = _cdiv(num_new, self.block_size)
+            if num_blocks > self._allocator.num_free:
+                break  # FIFO: nobody overtakes the head of the queue
+            self._waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.block_ids = self._allocator.allocate(num_blocks)
+            bisect.insort(self._running, request, key=lambda r: r.arrival_index)
+            self._add_to_step(request, num_new, step)
+
+    def _num_slots(self, request: Request) -> int:
+        """Tokens `request` could add now: room left in its own blocks plus every free block."""
+        num_own = len(request.block_ids) * self.block_size - request.num_computed_tokens
+        return num_own + self._allocator.num_free * self.block_size
+
+    def _reserve(self, request: Request, context_len: int, step: _Step) -> bool:
+        """Give `request` blocks for `context_len` tokens, preempting the latest running requests
+        not yet in this batch. False, with nothing changed for `request`, if it is the latest."""
+        num_needed = _cdiv(context_len, self.block_size) - len(request.block_ids)
+        while self._allocator.num_free < num_needed:
+            victim = max(
+                (r for r in self._running if r.request_id not in step.scheduled_ids),
+                key=lambda r: r.arrival_index,
+            )
+            if victim is request:
+                return False
+            self._preempt(victim, step)
+        if num_needed > 0:
+            request.block_ids += self._allocator.allocate(num_needed)
+        return True
+
+    def _preempt(self, request: Request, step: _Step) -> None:
+        """Drop its cache (to be recomputed) and put it back at the front of the waiting queue."""
+        self._running.remove(request)
+        self._allocator.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self._waiting.appendleft(request)
+        step.num_preempted += 1
+
+    def _add_to_step(self, request: Request, num_new: int, step: _Step) -> None:
+        start = request.num_computed_tokens
+        context_len = start + num_new
+        assert 0 < num_new and context_len <= request.num_tokens
+        assert len(request.block_ids) == _cdiv(context_len, self.block_size)
+        sequence = ScheduledSequence(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start:context_len],
+            positions=list(range(start, context_len)),
+            context_len=context_len,
+            block_ids=list(request.block_ids),
+            is_prefill=not _is_decode(request),
+            samples=context_len == request.num_tokens,
+        )
+        (step.prefills if sequence.is_prefill else step.decodes).append(sequence)
+        step.scheduled_ids.add(request.request_id)
+        step.token_budget -= num_new
+
+    # -- after the forward pass ------------------------------------------------------------
+
+    def update(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Request]:
+        """Record a step: advance the cache, append sampled tokens, finish and free what is done.
+
+        `sampled` maps the id of every sequence with `samples=True` to its new token. Returns the
+        requests that finished in this update. Sequences aborted since `schedule()` are skipped.
+        """
+        finished: list[Request] = []
+        for sequence in batch.sequences:
+            request = self._requests.get(sequence.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            assert request.num_computed_tokens + len(sequence.token_ids) == sequence.context_len
+            request.num_computed_tokens = sequence.context_len
+            if not sequence.samples:
+                continue
+            assert sequence.request_id in sampled, f"no sampled token for {sequence.request_id!r}"
+            token_id = sampled[sequence.request_id]
+            request.output_token_ids.append(token_id)
+            reason = _finish_reason(request, token_id)
+            if reason is not None:
+                self._running.remove(request)
+                self._finish(request, reason)
+                finished.append(request)
+        return finished
+
+    def _finish(self, request: Request, reason: str) -> None:
+        self._allocator.free(request.block_ids)
+        request.block_ids = []
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self._requests[request.request_id]
+
+
+def _is_decode(request: Request) -> bool:
+    """Only the last generated token is missing from the cache."""
+    return bool(request.output_token_ids) and request.num_computed_tokens == request.num_tokens - 1
+
+
+def _finish_reason(request: Request, token_id: int) -> str | None:
+    if token_id in request.stop_token_ids:
+        return "stop"
+    if len(request.output_token_ids) >= request.max_new_tokens:
+        return "length"
+    return None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
