@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny configs of real architectures with weights wide enough to matter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trtllm.frontend.tiny import TINY_CONFIG, tiny_llama, widen_weights
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**{**TINY_CONFIG, "sliding_window": 8}))
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG))
+
+
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(**{**TINY_CONFIG, "original_max_position_embeddings": 1024}))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=512, n_embd=128, n_layer=3, n_head=4, n_positions=1024,
+                        bos_token_id=1, eos_token_id=2, activation_function="gelu_new")
+    return GPT2LMHeadModel(config)
+
+
+ARCHITECTURES = {
+    "llama": lambda: tiny_llama(seed=0),
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "phi3": _phi3,
+    "gpt2": _gpt2,
+}
+
+
+def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return widen_weights(ARCHITECTURES[arch](), seed).eval()
