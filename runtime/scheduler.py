@@ -143,6 +143,7 @@ class Scheduler:
         self._running: list[Request] = []  # sorted by arrival_index
         self._requests: dict[str, Request] = {}  # every unfinished request, by id
         self._next_arrival_index = 0
+        self.num_preemptions = 0  # requests preempted so far (a running total, for metrics and tests)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -287,6 +288,7 @@ class Scheduler:
         request.block_ids = []
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self._waiting.appendleft(request)
         step.num_preempted += 1

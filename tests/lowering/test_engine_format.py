@@ -1,0 +1,69 @@
+"""Engines on disk: JSON graph + safetensors, never pickle; tied weights stored once."""
+
+from __future__ import annotations
+
+import json
+import operator
+
+import pytest
+import torch
+from torch.fx import Graph
+
+from conftest import make_model
+from trtllm.lowering.registry import Impl, Registry, default_registry
+from trtllm.lowering.serialize import GraphFormatError, graph_from_json, graph_to_json
+from trtllm.kernels.errors import LoweringError
+import trtllm
+
+
+def test_graph_round_trip_keeps_every_argument_kind():
+    graph = Graph()
+    x = graph.placeholder("x")
+    size = graph.call_function(torch.ops.aten.sym_size.int, (x, 0))
+    half = graph.call_function(operator.floordiv, (size, 2))
+    y = graph.call_function(torch.ops.aten.full.default, ([half, 3], float("-inf")),
+                            {"dtype": torch.float16, "device": torch.device("cpu"), "layout": torch.strided})
+    graph.output((y, None))
+    back = graph_from_json(json.loads(json.dumps(graph_to_json(graph))))
+    assert str(back) == str(graph)
+    out = torch.fx.GraphModule(torch.nn.Module(), back)(torch.zeros(8))
+    assert out[0].shape == (4, 3) and out[0].dtype == torch.float16 and torch.isinf(out[0]).all()
+
+
+def test_loading_refuses_ops_outside_the_allow_list():
+    data = {"version": 1, "nodes": [
+        {"name": "x", "op": "placeholder", "target": "x", "args": {"list": []}, "kwargs": {}},
+        {"name": "y", "op": "call_function", "target": "python::os.system", "args": {"list": [{"node": "x"}]}, "kwargs": {}},
+    ]}
+    with pytest.raises(GraphFormatError, match="not allowed"):
+        graph_from_json(data)
+    data["nodes"][1]["target"] = "evil::op.default"
+    with pytest.raises(GraphFormatError, match="outside namespaces"):
+        graph_from_json(data)
+
+
+def test_saved_engine_has_no_pickle_and_tied_weights_once(tmp_path):
+    llm = trtllm.compile(make_model("gpt2"), dtype="fp32")  # GPT-2 ties the LM head to the embedding
+    llm.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.json", "trtllm.json", "weights.safetensors"]
+    meta = json.loads((tmp_path / "engine.json").read_text())
+    assert meta["weight_aliases"], "the tied LM head should be an alias"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "weights.safetensors"), "pt") as f:
+        assert not set(meta["weight_aliases"]) & set(f.keys())
+
+
+def test_registry_chooses_the_first_implementation_that_fits():
+    registry = Registry()
+    op = torch.ops.trtllm.attention.default
+    registry.register(op, "native", Impl("never", lambda *a: None, supports=lambda node: False))
+    registry.register(op, "native", Impl("always", lambda *a: None))
+    graph = Graph()
+    node = graph.call_function(op, ())
+    assert registry.choose(node, "native").name == "always"
+    with pytest.raises(LoweringError, match="no tensorrt implementation"):
+        registry.choose(node, "tensorrt")
+    with pytest.raises(LoweringError, match="unknown lowering target"):
+        registry.register(op, "cuda", Impl("x", lambda: None))
+    assert {op} <= {o for o, _ in default_registry().impls}

@@ -1,0 +1,70 @@
+"""The engine loop on a real model: chunked prefill, preemption and in-flight joins keep the
+greedy tokens of transformers."""
+
+from __future__ import annotations
+
+import torch
+
+import trtllm
+from conftest import make_model
+
+PROMPTS = [list(range(10, 10 + n)) for n in (1, 9, 23, 5, 14, 2)]
+
+
+def _hf(model, prompt, n):
+    return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+
+
+def test_chunked_prefill_and_preemption_keep_tokens():
+    model = make_model("qwen2")
+    per_block = 4 * 2 * 2 * 4 * 32 * 4  # layers * (K, V) * heads * block_size * head_dim * fp32
+    llm = trtllm.compile(model, dtype="fp32", block_size=4, max_num_tokens=8, max_batch_size=4,
+                         kv_cache_memory=12 * per_block)
+    assert llm.runtime.pool.num_blocks == 12
+    scheduler = llm.runtime.scheduler
+    outputs = llm.generate(PROMPTS, trtllm.SamplingParams(max_new_tokens=16, ignore_eos=True))
+    assert scheduler.num_preemptions > 0, "the cache was meant to run out"
+    for prompt, out in zip(PROMPTS, outputs):
+        assert out.token_ids == _hf(model, prompt, 16)
+    assert scheduler.num_free_blocks == 12
+
+
+def test_requests_join_the_running_batch():
+    model = make_model("llama")
+    llm = trtllm.compile(model, dtype="fp32", max_batch_size=4)
+    engine = llm.runtime
+    params = trtllm.SamplingParams(max_new_tokens=12, ignore_eos=True)
+    first = engine.add_request(PROMPTS[2], params)
+    for _ in range(3):
+        engine.step()
+    second = engine.add_request(PROMPTS[1], params)  # joins while the first is decoding
+    done = {}
+    while engine.has_unfinished():
+        done.update((o.request_id, o) for o in engine.step())
+    assert done[first].token_ids == _hf(model, PROMPTS[2], 12)
+    assert done[second].token_ids == _hf(model, PROMPTS[1], 12)
+
+
+def test_stop_token_ids_and_eos():
+    model = make_model("llama")
+    llm = trtllm.compile(model, dtype="fp32")
+    free = llm.generate([PROMPTS[3]], trtllm.SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    stop = free.token_ids[5]
+    first = free.token_ids.index(stop)
+    out = llm.generate([PROMPTS[3]], trtllm.SamplingParams(max_new_tokens=20, stop_token_ids=(stop,)))[0]
+    assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
+    model.generation_config.eos_token_id = stop
+    eos_out = trtllm.compile(model, dtype="fp32").generate([PROMPTS[3]], trtllm.SamplingParams(max_new_tokens=20))[0]
+    assert eos_out.token_ids == out.token_ids and eos_out.finish_reason == "stop"
+    ignored = trtllm.compile(model, dtype="fp32").generate(
+        [PROMPTS[3]], trtllm.SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    assert ignored.token_ids == free.token_ids and ignored.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible():
+    llm = trtllm.compile(make_model("llama"), dtype="fp32")
+    params = trtllm.SamplingParams(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=7, ignore_eos=True)
+    a = llm.generate([PROMPTS[2]], params)[0].token_ids
+    b = llm.generate([PROMPTS[2], PROMPTS[4]], params)[0].token_ids
+    greedy = llm.generate([PROMPTS[2]], trtllm.SamplingParams(max_new_tokens=16, ignore_eos=True))[0].token_ids
+    assert a == b and a != greedy
