@@ -11,6 +11,7 @@ target to the user's own tensor, which lowering prepares once.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +104,8 @@ def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, max
         pos = torch.zeros((1, 8), dtype=torch.long, device=device)  # [1, T]
     tokens = Dim("num_tokens", min=1, max=max(max_num_tokens, 16))
     dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens}}
-    with _eval_mode(model), hf.routed_attention(model), torch.no_grad():
+    with _eval_mode(model), hf.routed_attention(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
         with stateless._reparametrize_module(wrapper, fake_state, tie_weights=True):
             program = torch.export.export(wrapper, (ids, pos), dynamic_shapes=dynamic, strict=False)
     program = program.run_decompositions(_decompositions())

@@ -1,0 +1,139 @@
+"""The `trtllm` command: `run` (compile and generate next to eager transformers) and `build`
+(compile and save an engine). `bench` and `serve` arrive with their issues."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from trtllm.kernels.errors import TrtllmError
+
+
+def _load_model(name: str, dtype: torch.dtype | None):
+    from .tiny import tiny_llama
+
+    if name == "tiny":
+        return tiny_llama()
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype).eval()
+    except OSError as exc:
+        raise TrtllmError(f"cannot load a model from {name!r} (a local Hugging Face folder, or 'tiny'): {exc}") from None
+
+
+def _default_dtype(device: str | None) -> str:
+    cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    return "bf16" if cuda else "fp32"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [max(1, length - 3 * i) for i in range(batch)]  # different lengths, like real traffic
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _timed_generate(llm, prompts, params) -> tuple[list, float]:
+    _sync(llm.engine.device)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    _sync(llm.engine.device)
+    return outputs, time.perf_counter() - start
+
+
+def _eager_generate(model, prompts, max_new_tokens, dtype, device) -> tuple[list[list[int]], float]:
+    """transformers' own greedy generate, one prompt at a time (no padding to disturb it)."""
+    model = model.to(device=device, dtype=dtype)
+    _sync(device)
+    start = time.perf_counter()
+    tokens = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, min_new_tokens=max_new_tokens)
+            tokens.append(out[0, len(prompt):].tolist())
+    _sync(device)
+    return tokens, time.perf_counter() - start
+
+
+def cmd_run(args) -> int:
+    import trtllm
+    from .config import DTYPES
+
+    dtype = args.dtype or _default_dtype(args.device)
+    if args.engine:
+        llm, model = trtllm.load(args.engine, device=args.device), None
+        print(f"loaded engine {args.engine}")
+    else:
+        model = _load_model(args.model, None)
+        llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=max(args.batch_size, 1))
+        print(f"compiled {type(model).__name__} ({args.model}) to {dtype} on {llm.engine.device} "
+              f"in {llm.compile_seconds:.2f} s")
+    params = trtllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    prompts = _prompts(args.batch_size, args.prompt_len, llm.engine.spec.vocab_size, args.seed)
+    llm.generate(prompts[:1], trtllm.SamplingParams(max_new_tokens=2))  # warm-up
+    outputs, seconds = _timed_generate(llm, prompts, params)
+    new_tokens = sum(len(o.token_ids) for o in outputs)
+    print(f"trtllm: {len(prompts)} prompts, {new_tokens} new tokens in {seconds:.3f} s = {new_tokens / seconds:.1f} tok/s")
+    for prompt, out in list(zip(prompts, outputs))[:2]:
+        print(f"  prompt {prompt[:8]}{'...' if len(prompt) > 8 else ''} -> {out.token_ids[:16]}...")
+    if model is not None and not args.no_eager:
+        eager, eager_seconds = _eager_generate(model, prompts, args.max_new_tokens, DTYPES[dtype], llm.engine.device)
+        print(f"eager transformers: {new_tokens / eager_seconds:.1f} tok/s "
+              f"(trtllm {eager_seconds / seconds:.2f}x); same tokens: "
+              f"{sum(e == o.token_ids for e, o in zip(eager, outputs))}/{len(prompts)} prompts")
+    return 0
+
+
+def cmd_build(args) -> int:
+    import trtllm
+
+    dtype = args.dtype or _default_dtype(args.device)
+    model = _load_model(args.model, None)
+    llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=args.max_batch_size,
+                         max_seq_len=args.max_seq_len)
+    llm.save(args.output)
+    print(f"built {args.model} ({dtype}) in {llm.compile_seconds:.2f} s; engine saved to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trtllm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="compile a model and generate, next to eager transformers")
+    run.add_argument("--model", default="tiny", help="a local Hugging Face folder, or 'tiny' (built in)")
+    run.add_argument("--engine", help="run a saved engine folder instead of compiling")
+    run.add_argument("--batch-size", type=int, default=4)
+    run.add_argument("--prompt-len", type=int, default=16)
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--no-eager", action="store_true", help="skip the eager transformers baseline")
+    run.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    run.set_defaults(func=cmd_run)
+    build = commands.add_parser("build", help="compile a model and save the engine")
+    build.add_argument("--model", default="tiny")
+    build.add_argument("--output", required=True, help="engine folder to write")
+    build.add_argument("--max-batch-size", type=int, default=8)
+    build.add_argument("--max-seq-len", type=int, default=None)
+    build.set_defaults(func=cmd_build)
+    for sub in (run, build):
+        sub.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on a GPU, fp32 on CPU")
+        sub.add_argument("--device", help="default: cuda if available, else cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TrtllmError as exc:
+        print(f"trtllm: error: {exc}", file=sys.stderr)
+        return 2
