@@ -17,7 +17,7 @@ from torch.fx import GraphModule, Node
 
 from trtllm.kernels.errors import LoweringError
 
-from .graph import add_input, call, new_size, set_meta
+from .graph import add_input, call, fake_mode, new_size
 
 aten = torch.ops.aten
 # Ops that act on each row of the logits alone, so they commute with the row gather.
@@ -51,6 +51,9 @@ def gather_logits(gm: GraphModule) -> int:
     with gm.graph.inserting_before(head):
         rows = call(gm, aten.index_select.default, head.args[0], 1, indices)  # [1, N, E]
     head.args = (rows, *head.args[1:])
-    for node in path:  # their fake values now have N rows
-        set_meta(gm, node)
+    num_rows = rows.meta["val"].shape[1]
+    for node in path:  # their fake values now have N rows (set by hand: row-wise ops keep shape)
+        val = node.meta["val"]
+        with fake_mode(gm):
+            node.meta["val"] = val.new_empty((val.shape[0], num_rows, *val.shape[2:]))
     return 1
