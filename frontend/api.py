@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from trtllm.fusion import run_passes
-from trtllm.kernels.errors import ConfigError, RequestError, TrtllmError
+from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
 from trtllm.runtime.kv_cache import KVCachePool
 from trtllm.runtime.llm_engine import LLMEngine, RuntimeConfig
-from trtllm.runtime.sampling_params import GenerationOutput, SamplingParams
+from trtllm.runtime.sampling_params import SamplingParams
 
 from .config import BuildConfig
 from .tracer import trace

@@ -181,17 +181,8 @@ def attention_ref(
     return _masked_attention(q, k, v, q_pos, kv_lens, scale, causal, sliding_window, softcap)
 
 
-@torch.library.custom_op("trtllm::attention", mutates_args=())
-def _attention_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    scale: float,
-    causal: bool,
-    sliding_window: int,
-    softcap: float,
-) -> Tensor:
-    return attention_ref(q, k, v, scale, causal, sliding_window, softcap)
+# The op runs the reference wherever no faster implementation is registered.
+_attention_op = torch.library.custom_op("trtllm::attention", attention_ref, mutates_args=())
 
 
 @_attention_op.register_fake
@@ -344,26 +335,9 @@ def cached_attention_ref(
     return out
 
 
-@torch.library.custom_op("trtllm::cached_attention", mutates_args=("kv_cache",))
-def _cached_attention_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kv_cache: Tensor,
-    cu_seqlens_q: Tensor,
-    seq_lens_kv: Tensor,
-    block_tables: Tensor,
-    slot_mapping: Tensor,
-    layer_idx: int,
-    scale: float,
-    causal: bool,
-    sliding_window: int,
-    softcap: float,
-) -> Tensor:
-    return cached_attention_ref(
-        q, k, v, kv_cache, cu_seqlens_q, seq_lens_kv, block_tables, slot_mapping,
-        layer_idx, scale, causal, sliding_window, softcap,
-    )
+_cached_attention_op = torch.library.custom_op(
+    "trtllm::cached_attention", cached_attention_ref, mutates_args=("kv_cache",)
+)
 
 
 @_cached_attention_op.register_fake

@@ -49,7 +49,7 @@ def trtllm_ops() -> list:
     import trtllm.kernels  # noqa: F401  (registers the ops)
 
     ns = torch.ops.trtllm
-    return [getattr(getattr(ns, name), "default") for name in dir(ns) if _is_op(ns, name)]
+    return [getattr(ns, name).default for name in dir(ns) if _is_op(ns, name)]
 
 
 def _is_op(ns, name: str) -> bool:

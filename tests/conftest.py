@@ -39,6 +39,16 @@ def _phi3():
     return Phi3ForCausalLM(Phi3Config(**{**TINY_CONFIG, "original_max_position_embeddings": 1024}))
 
 
+def _gemma2():
+    """Attention and final-logit soft-capping, sliding window on every other layer, GeGLU."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return Gemma2ForCausalLM(Gemma2Config(**{
+        **TINY_CONFIG, "head_dim": 32, "sliding_window": 8, "attn_logit_softcapping": 5.0,
+        "final_logit_softcapping": 30.0,
+    }))
+
+
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -53,6 +63,7 @@ ARCHITECTURES = {
     "qwen2": _qwen2,
     "phi3": _phi3,
     "gpt2": _gpt2,
+    "gemma2": _gemma2,
 }
 
 
