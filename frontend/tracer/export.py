@@ -104,14 +104,16 @@ def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, max
         pos = torch.zeros((1, 8), dtype=torch.long, device=device)  # [1, T]
     tokens = Dim("num_tokens", min=1, max=max(max_num_tokens, 16))
     dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens}}
-    with _eval_mode(model), hf.routed_attention(model), torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
-        with stateless._reparametrize_module(wrapper, fake_state, tie_weights=True):
-            program = torch.export.export(wrapper, (ids, pos), dynamic_shapes=dynamic, strict=False)
-    program = program.run_decompositions(_decompositions())
+    with warnings.catch_warnings():
+        # torch.export's own pytree code warns about its own deprecated LeafSpec use.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        with _eval_mode(model), hf.routed_attention(model), torch.no_grad():
+            with stateless._reparametrize_module(wrapper, fake_state, tie_weights=True):
+                program = torch.export.export(wrapper, (ids, pos), dynamic_shapes=dynamic, strict=False)
+        program = program.run_decompositions(_decompositions())
+        graph_module = program.module()
     real = dict(wrapper.named_parameters(remove_duplicate=False))
     real.update(wrapper.named_buffers(remove_duplicate=False))
-    graph_module = program.module()
     weights = {}
     for node in graph_module.graph.nodes:
         if node.op == "get_attr":
