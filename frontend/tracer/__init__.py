@@ -68,13 +68,19 @@ def _spec(model: torch.nn.Module, gm: torch.fx.GraphModule) -> ModelSpec:
             f"{name}: no attention reached transformers' AttentionInterface during the trace; "
             "its attention bypasses the interface, so trtllm cannot attach a KV cache"
         )
+    config = getattr(model, "config", None)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(num_layers, int) and len(attention) != num_layers:
+        raise UnsupportedModelError(
+            f"{name}: {len(attention)} of its {num_layers} layers' attention reached transformers' "
+            "AttentionInterface; the others bypass it, so trtllm cannot attach a KV cache to them"
+        )
     kv_shapes = {tuple(n.args[1].meta["val"].shape[2:]) for n in attention}  # {(Hkv, D)}
     if len(kv_shapes) != 1:
         raise UnsupportedModelError(f"{name}: layers have different K/V shapes {sorted(kv_shapes)}")
     (num_kv_heads, head_dim), = kv_shapes
     output = next(n for n in gm.graph.nodes if n.op == "output")
     logits = output.args[0][0].meta["val"]
-    config = getattr(model, "config", None)
     return ModelSpec(
         architecture=name,
         num_layers=len(attention),

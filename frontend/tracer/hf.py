@@ -51,11 +51,6 @@ def check_supported(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(
             f"{name} is an encoder-decoder model; trtllm compiles decoder-only causal LMs"
         )
-    if not getattr(model, "_supports_attention_backend", True):
-        raise UnsupportedModelError(
-            f"{name} does not route its attention through transformers' AttentionInterface "
-            "(its class sets _supports_attention_backend = False), so trtllm cannot find its attention"
-        )
 
 
 def _configs(model: torch.nn.Module) -> list:
