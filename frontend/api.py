@@ -168,24 +168,35 @@ def _runtime_config(engine: Engine, config: BuildConfig) -> RuntimeConfig:
     max_seq_len = config.max_seq_len or min(spec.max_position_embeddings or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
     return RuntimeConfig(
         max_batch_size=config.max_batch_size, max_num_tokens=config.max_num_tokens, max_seq_len=max_seq_len,
-        block_size=config.block_size, num_blocks=_num_blocks(engine, config),
+        block_size=config.block_size, num_blocks=_num_blocks(engine, config, max_seq_len),
     )
 
 
-def _num_blocks(engine: Engine, config: BuildConfig) -> int | None:
-    """KV blocks from `kv_cache_memory`: bytes, or a fraction of the free GPU memory."""
-    budget = config.kv_cache_memory
-    if budget is None:
-        return None
-    if isinstance(budget, float):
-        if engine.device.type != "cuda":
-            raise ConfigError("kv_cache_memory as a fraction needs a GPU; give a number of bytes on CPU")
-        free, _ = torch.cuda.mem_get_info(engine.device)
-        budget = int(free * budget)
+GPU_HEADROOM = 0.9  # the default pool takes at most this share of the free GPU memory
+
+
+def _num_blocks(engine: Engine, config: BuildConfig, max_seq_len: int) -> int:
+    """KV blocks from `kv_cache_memory` (bytes, or a fraction of the free GPU memory); by
+    default enough for `max_batch_size` full sequences, within the GPU's free memory."""
     spec = engine.spec
     per_block = KVCachePool.bytes_per_block(spec.num_layers, spec.num_kv_heads, config.block_size,
                                             spec.head_dim, engine.dtype)
-    blocks = budget // per_block
-    if blocks < 1:
-        raise ConfigError(f"kv_cache_memory={config.kv_cache_memory} holds no {per_block}-byte KV block")
-    return math.floor(blocks)
+    per_sequence = math.ceil(max_seq_len / config.block_size)
+    budget = config.kv_cache_memory
+    if isinstance(budget, float) and engine.device.type != "cuda":
+        raise ConfigError("kv_cache_memory as a fraction needs a GPU; give a number of bytes on CPU")
+    if budget is None:
+        blocks = config.max_batch_size * per_sequence
+        if engine.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(engine.device)
+            blocks = min(blocks, int(free * GPU_HEADROOM) // per_block)
+    else:
+        if isinstance(budget, float):
+            budget = torch.cuda.mem_get_info(engine.device)[0] * budget
+        blocks = int(budget) // per_block
+    if blocks < per_sequence:
+        raise ConfigError(
+            f"the KV cache holds {blocks} blocks of {per_block} bytes, fewer than one {max_seq_len}-token "
+            f"sequence needs ({per_sequence}); raise kv_cache_memory or lower max_seq_len"
+        )
+    return blocks

@@ -69,3 +69,8 @@ def test_bad_compile_options(options, match):
 def test_load_of_a_folder_that_is_no_engine(tmp_path):
     with pytest.raises(trtllm.TrtllmError, match="no engine.json"):
         trtllm.load(tmp_path)
+
+
+def test_kv_cache_too_small_for_one_sequence():
+    with pytest.raises(trtllm.ConfigError, match="fewer than one 64-token sequence"):
+        trtllm.compile(make_model("llama"), dtype="fp32", max_seq_len=64, kv_cache_memory=4096)

@@ -18,7 +18,7 @@ def _hf(model, prompt, n):
 def test_chunked_prefill_and_preemption_keep_tokens():
     model = make_model("qwen2")
     per_block = 4 * 2 * 2 * 4 * 32 * 4  # layers * (K, V) * heads * block_size * head_dim * fp32
-    llm = trtllm.compile(model, dtype="fp32", block_size=4, max_num_tokens=8, max_batch_size=4,
+    llm = trtllm.compile(model, dtype="fp32", block_size=4, max_num_tokens=8, max_batch_size=4, max_seq_len=48,
                          kv_cache_memory=12 * per_block)
     assert llm.runtime.pool.num_blocks == 12
     scheduler = llm.runtime.scheduler
