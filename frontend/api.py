@@ -33,8 +33,7 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
     config = BuildConfig(**options)
     config.validate()
     start = time.perf_counter()
-    traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device(),
-                   max_num_tokens=config.max_num_tokens)
+    traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
     reports = run_passes(traced.graph_module)
     weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
     engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)

@@ -67,6 +67,7 @@ def _eager_generate(model, prompts, max_new_tokens, dtype, device) -> tuple[list
 
 def cmd_run(args) -> int:
     import trtllm
+
     from .config import DTYPES
 
     dtype = args.dtype or _default_dtype(args.device)

@@ -10,6 +10,7 @@ Loading reads JSON and safetensors only; it never unpickles.
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 
 import torch
@@ -87,17 +88,11 @@ def prepare_weights(gm: GraphModule, weights: dict[str, torch.Tensor], device: t
     done: dict[int, torch.Tensor] = {}
     prepared = {}
     for name, tensor in tqdm(weights.items(), desc="preparing weights", leave=False, disable=len(weights) < 64):
-        traced = _getattr(gm, name)
+        traced = operator.attrgetter(name)(gm)
         if id(tensor) not in done:
             done[id(tensor)] = tensor.detach().to(device=device, dtype=traced.dtype)
         prepared[name] = done[id(tensor)]
     return prepared
-
-
-def _getattr(module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _device_and_dtype(weights: dict[str, torch.Tensor]) -> tuple[torch.device, torch.dtype]:

@@ -52,7 +52,6 @@ class LLMEngine:
                                    config.max_num_tokens, config.max_seq_len)
         self.runner = ModelRunner(engine, self.pool)
         self._params: dict[str, tuple[SamplingParams, torch.Generator | None]] = {}
-        self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -64,7 +63,6 @@ class LLMEngine:
         request = Request(request_id, list(prompt_token_ids), params.max_new_tokens, frozenset(stop))
         self.scheduler.add_request(request)
         self._params[request_id] = (params, make_generator(params, self.engine.device))
-        self._requests[request_id] = request
         return request_id
 
     def check_prompt(self, prompt_token_ids: list[int]) -> None:
@@ -92,7 +90,6 @@ class LLMEngine:
 
     def _finish(self, request: Request) -> GenerationOutput:
         del self._params[request.request_id]
-        del self._requests[request.request_id]
         return GenerationOutput(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
                                 finish_reason=request.finish_reason)
 
@@ -114,7 +111,6 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         self._params.pop(request_id, None)
-        self._requests.pop(request_id, None)
         return self.scheduler.abort(request_id)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

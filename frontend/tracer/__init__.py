@@ -18,13 +18,13 @@ from .hf import check_supported
 __all__ = ["TracedModel", "trace"]
 
 
-def trace(model: torch.nn.Module, *, dtype: torch.dtype, device: torch.device, max_num_tokens: int = 8192) -> TracedModel:
+def trace(model: torch.nn.Module, *, dtype: torch.dtype, device: torch.device) -> TracedModel:
     """Trace `model` (an HF causal LM or a module returning logits) for `dtype` on `device`."""
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedModelError(f"trtllm compiles torch.nn.Module objects, got {type(model).__name__}")
     check_supported(model)
     try:
-        graph_module, weights = export(model, dtype, device, max_num_tokens)
+        graph_module, weights = export(model, dtype, device)
     except UnsupportedModelError:
         raise
     except Exception as exc:  # torch.export raises many types; name the model and the cause

@@ -11,20 +11,21 @@ target to the user's own tensor, which lowering prepares once.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import operator
 import warnings
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.nn.utils import stateless
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from trtllm.kernels.errors import UnsupportedModelError
 from trtllm.lowering.spec import ModelSpec
 
 from . import hf
-
 
 
 class _CausalLM(torch.nn.Module):
@@ -79,8 +80,6 @@ def _eval_mode(model: torch.nn.Module):
 
 
 def _takes_position_ids(model: torch.nn.Module) -> bool:
-    import inspect
-
     try:
         return "position_ids" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -94,7 +93,7 @@ def _decompositions() -> dict:
     return table
 
 
-def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, max_num_tokens: int):
+def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
     """Run torch.export on the user's model; returns (graph_module, weights)."""
     wrapper = _CausalLM(model, _takes_position_ids(model))
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
@@ -102,7 +101,7 @@ def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, max
     with fake_mode:
         ids = torch.zeros((1, 8), dtype=torch.long, device=device)  # [1, T]
         pos = torch.zeros((1, 8), dtype=torch.long, device=device)  # [1, T]
-    tokens = Dim("num_tokens", min=1, max=max(max_num_tokens, 16))
+    tokens = Dim("num_tokens", min=1)  # any packed step, and any [B, S] of __call__
     dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens}}
     with warnings.catch_warnings():
         # torch.export's own pytree code warns about its own deprecated LeafSpec use.
@@ -125,7 +124,7 @@ def _real_attr(graph_module: torch.fx.GraphModule, target: str, real: dict) -> t
     """The user's tensor behind a get_attr, or a constant that tracing made (real, not fake)."""
     if target in real:
         return real[target]
-    value = _getattr(graph_module, target)
+    value = operator.attrgetter(target)(graph_module)
     if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
         return value
     raise UnsupportedModelError(
@@ -133,9 +132,3 @@ def _real_attr(graph_module: torch.fx.GraphModule, target: str, real: dict) -> t
         "trtllm needs it to be a parameter or buffer of the model"
     )
 
-
-def _getattr(module: torch.nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -71,8 +71,6 @@ def routed_attention(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, the model's attention calls `trtllm::attention`; restored on exit."""
     from transformers import AttentionInterface
 
-    import trtllm.kernels.attention  # noqa: F401  (registers torch.ops.trtllm.attention)
-
     mapping = AttentionInterface._global_mapping
     previous_fn = mapping.get(ATTN_NAME)
     configs = _configs(model)

@@ -14,9 +14,9 @@ import copy
 
 import pytest
 import torch
+from conftest import ARCHITECTURES, make_model
 
 import trtllm
-from conftest import ARCHITECTURES, make_model
 
 PROMPTS = [
     [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from conftest import TINY_CONFIG, widen_weights
 
 import trtllm
-from conftest import TINY_CONFIG, widen_weights
 
 # Families beyond the end-to-end five, each with a different twist (MoE, partial rotary,
 # parallel blocks, QK norms, learned positions, logit scaling, ...).

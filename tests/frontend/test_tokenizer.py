@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import make_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import trtllm
-from conftest import make_model
 
 
 @pytest.fixture(scope="module")

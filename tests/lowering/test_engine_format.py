@@ -7,13 +7,13 @@ import operator
 
 import pytest
 import torch
+from conftest import make_model
 from torch.fx import Graph
 
-from conftest import make_model
+import trtllm
+from trtllm.kernels.errors import LoweringError
 from trtllm.lowering.registry import Impl, Registry, default_registry
 from trtllm.lowering.serialize import GraphFormatError, graph_from_json, graph_to_json
-from trtllm.kernels.errors import LoweringError
-import trtllm
 
 
 def test_graph_round_trip_keeps_every_argument_kind():

@@ -4,9 +4,9 @@ greedy tokens of transformers."""
 from __future__ import annotations
 
 import torch
+from conftest import make_model
 
 import trtllm
-from conftest import make_model
 
 PROMPTS = [list(range(10, 10 + n)) for n in (1, 9, 23, 5, 14, 2)]
 
