@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
@@ -32,14 +33,22 @@ def add_input(gm: GraphModule, name: str, shape: tuple, dtype: torch.dtype) -> N
 
 
 def set_meta(gm: GraphModule, node: Node) -> Node:
-    """Compute `node.meta["val"]` by running its op on its inputs' fake values."""
+    """Compute `node.meta["val"]` by running its op on its inputs' fake values (left unset
+    when the graph carries none)."""
+    if any("val" not in a.meta for a in node.all_input_nodes):
+        return node
+    vals = [a.meta["val"] for a in node.all_input_nodes if isinstance(a.meta["val"], torch.Tensor)]
+    mode = detect_fake_mode(vals) if vals else None
+    if mode is None and vals:
+        return node
 
     def val(a):
         return a.meta["val"] if isinstance(a, Node) else a
 
     args = torch.fx.node.map_aggregate(node.args, val)
     kwargs = torch.fx.node.map_aggregate(node.kwargs, val)
-    with fake_mode(gm):
+    # The Python dispatcher lets composite ops (aten.linear) see symbolic sizes, as tracing does.
+    with mode or fake_mode(gm), enable_python_dispatcher():
         node.meta["val"] = node.target(*args, **kwargs)
     return node
 
@@ -47,3 +56,41 @@ def set_meta(gm: GraphModule, node: Node) -> Node:
 def call(gm: GraphModule, target, *args) -> Node:
     """Insert `target(*args)` at the current insertion point, with its fake value."""
     return set_meta(gm, gm.graph.call_function(target, args))
+
+
+# Composite ops kept whole, because the passes match them as one node (and lowering runs them).
+KEPT_WHOLE = (
+    torch.ops.aten.linear.default, torch.ops.aten.matmul.default, torch.ops.aten.silu.default,
+    torch.ops.aten.layer_norm.default, torch.ops.aten.rms_norm.default,
+    torch.ops.aten.scaled_dot_product_attention.default,
+)
+
+
+def aten_decompositions() -> dict:
+    """Core aten, except `KEPT_WHOLE`. The tracer and `Pattern` both use this table, so
+    patterns see the graphs models become."""
+    table = torch.export.default_decompositions()
+    for op in KEPT_WHOLE:
+        table.pop(op, None)
+    return table
+
+
+_CHECK_OPS = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.alias.default)
+
+
+def strip_checks(gm: GraphModule) -> None:
+    """Drop torch.export's runtime guards, metadata asserts and aliases (they bake in the trace
+    device and block matching), and give the module plain positional inputs."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _CHECK_OPS:
+            if node.target is torch.ops.aten.alias.default:
+                node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    graph.eliminate_dead_code()
+    graph._codegen = torch.fx.graph.CodeGen()  # positional inputs, tuple output (no pytree specs)
+    gm.recompile()

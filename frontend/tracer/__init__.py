@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from trtllm.fusion.graph import strip_checks
 from trtllm.kernels.errors import UnsupportedModelError
 from trtllm.lowering.spec import ModelSpec
 
@@ -34,30 +35,9 @@ def trace(model: torch.nn.Module, *, dtype: torch.dtype, device: torch.device) -
         raise UnsupportedModelError(
             f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {str(exc)[:2000]}"
         ) from exc
-    _strip_checks(graph_module)
-    graph_module.graph._codegen = torch.fx.graph.CodeGen()  # plain positional inputs, tuple output
-    graph_module.recompile()
+    strip_checks(graph_module)
     spec = _spec(model, graph_module)
     return TracedModel(graph_module=graph_module, weights=weights, spec=spec)
-
-
-_CHECK_OPS = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.alias.default)
-
-
-def _strip_checks(gm: torch.fx.GraphModule) -> None:
-    """Drop export's runtime guards and metadata asserts; they bake in the trace device."""
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in _CHECK_OPS:
-            if node.target is torch.ops.aten.alias.default:
-                node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-        elif node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
-    if hasattr(gm, "_guards_fn"):
-        delattr(gm, "_guards_fn")
-    graph.eliminate_dead_code()
-    gm.recompile()
 
 
 def _spec(model: torch.nn.Module, gm: torch.fx.GraphModule) -> ModelSpec:

@@ -22,6 +22,7 @@ from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.nn.utils import stateless
 
+from trtllm.fusion.graph import aten_decompositions
 from trtllm.kernels.errors import UnsupportedModelError
 from trtllm.lowering.spec import ModelSpec
 
@@ -86,13 +87,6 @@ def _takes_position_ids(model: torch.nn.Module) -> bool:
         return False
 
 
-def _decompositions() -> dict:
-    """Core aten, but keep `aten.linear` whole: fusion and lowering match GEMMs on it."""
-    table = torch.export.default_decompositions()
-    table.pop(torch.ops.aten.linear.default, None)
-    return table
-
-
 def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
     """Run torch.export on the user's model; returns (graph_module, weights)."""
     wrapper = _CausalLM(model, _takes_position_ids(model))
@@ -109,7 +103,7 @@ def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
         with _eval_mode(model), hf.routed_attention(model), torch.no_grad():
             with stateless._reparametrize_module(wrapper, fake_state, tie_weights=True):
                 program = torch.export.export(wrapper, (ids, pos), dynamic_shapes=dynamic, strict=False)
-        program = program.run_decompositions(_decompositions())
+        program = program.run_decompositions(aten_decompositions())
         graph_module = program.module()
     real = dict(wrapper.named_parameters(remove_duplicate=False))
     real.update(wrapper.named_buffers(remove_duplicate=False))
