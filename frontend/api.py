@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from trtllm.fusion import run_passes
+from trtllm.fusion import Pattern, format_report, pipeline, run_passes
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
 from trtllm.runtime.kv_cache import KVCachePool
@@ -28,13 +28,14 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
     unknown = set(options) - {f.name for f in dataclasses.fields(BuildConfig)}
     if unknown:
         raise ConfigError(f"unknown compile option(s) {sorted(unknown)}")
-    if patterns:
-        raise ConfigError("user fusion patterns are not supported yet (they arrive with the fusion issue)")
+    for pattern in patterns:
+        if not isinstance(pattern, Pattern):
+            raise ConfigError(f"patterns must hold trtllm.fusion.Pattern objects, got {type(pattern).__name__}")
     config = BuildConfig(**options)
     config.validate()
     start = time.perf_counter()
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
-    reports = run_passes(traced.graph_module)
+    reports = run_passes(traced.graph_module, pipeline(patterns))
     weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
     engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
     compiled = CompiledModel(engine, config, tokenizer=tokenizer)
@@ -67,6 +68,12 @@ class CompiledModel:
         self.compile_seconds: float | None = None
         self.pass_reports: list = []
         self.runtime = LLMEngine(engine, _runtime_config(engine, config))
+
+    def report(self) -> str:
+        """Each fusion pass of the compile and how many rewrites it made."""
+        if not self.pass_reports:
+            return "no fusion report: this model was loaded from an engine folder, not compiled"
+        return format_report(self.pass_reports)
 
     @property
     def max_seq_len(self) -> int:

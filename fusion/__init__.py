@@ -1,13 +1,18 @@
 """The fusion pipeline (DESIGN.md §3, stage 2): one visible list of passes.
 
 Each pass is `GraphModule -> int` (rewrites made, the graph changed in place) in its own file.
+`pipeline(patterns)` is the list a compile runs:
+
+    canonicalize  ->  user patterns  ->  fuse  ->  gather_logits  ->  insert_kv_cache
+
 `TRTLLM_DUMP_DIR=dir` writes the graph after every pass (`NN_<pass>.txt`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,14 +21,54 @@ from trtllm.kernels import envs
 
 from .gather_logits import gather_logits
 from .kv_cache import insert_kv_cache
+from .pattern import Match, Pattern
 
+__all__ = ["Match", "Pattern", "PassReport", "pipeline", "register", "registered", "run_passes", "unregister"]
+
+log = logging.getLogger("trtllm")
 Pass = Callable[[torch.fx.GraphModule], int]
 
-# canonicalize -> fuse -> quantize -> shard -> insert the KV cache (later issues fill the middle).
-PIPELINE: tuple[tuple[str, Pass], ...] = (
-    ("gather_logits", gather_logits),  # LM head only on the rows that are sampled
-    ("insert_kv_cache", insert_kv_cache),  # attention -> cached_attention over the paged cache
+# Passes that turn the traced arithmetic into canonical ops (attention, rope, norms).
+CANONICALIZE: tuple[tuple[str, Pass], ...] = ()
+# Passes that merge canonical ops into fused plugin ops (QKV, gate/up, GEMM+activation, add+norm).
+FUSE: tuple[tuple[str, Pass], ...] = ()
+# The step graph: LM head on sampled rows only, attention over the paged KV cache.
+STEP: tuple[tuple[str, Pass], ...] = (
+    ("gather_logits", gather_logits),
+    ("insert_kv_cache", insert_kv_cache),
 )
+# Passes safe on any graph, which torch.compile(backend="trtllm") runs.
+GENERIC_PASSES: tuple[tuple[str, Pass], ...] = ()
+
+_registered: list[Pattern] = []
+
+
+def register(pattern: Pattern) -> None:
+    """Add `pattern` to every later compile (until `unregister`)."""
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"register() takes a trtllm.fusion.Pattern, got {type(pattern).__name__}")
+    if pattern not in _registered:
+        _registered.append(pattern)
+
+
+def unregister(pattern: Pattern) -> None:
+    if pattern in _registered:
+        _registered.remove(pattern)
+
+
+def registered() -> tuple[Pattern, ...]:
+    return tuple(_registered)
+
+
+def pattern_passes(patterns: Iterable[Pattern]) -> list[tuple[str, Pass]]:
+    """The registered patterns, then `patterns`, each as a pass."""
+    chosen = list(_registered) + [p for p in patterns if p not in _registered]
+    return [(f"pattern:{p.name}", p.apply) for p in chosen]
+
+
+def pipeline(patterns: Iterable[Pattern] = ()) -> list[tuple[str, Pass]]:
+    """The passes a compile runs, in order."""
+    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *STEP]
 
 
 @dataclass(frozen=True)
@@ -33,8 +78,9 @@ class PassReport:
     seconds: float  # time it took
 
 
-def run_passes(gm: torch.fx.GraphModule, passes: Sequence[tuple[str, Pass]] = PIPELINE) -> list[PassReport]:
-    """Run `passes` in order on `gm` (in place); returns one report per pass."""
+def run_passes(gm: torch.fx.GraphModule, passes: Sequence[tuple[str, Pass]] | None = None) -> list[PassReport]:
+    """Run `passes` (default: `pipeline()`) in order on `gm`, in place; one report per pass."""
+    passes = pipeline() if passes is None else passes
     dump_dir = envs.dump_dir()
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
@@ -46,6 +92,15 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[tuple[str, Pass]] = PI
         gm.graph.lint()
         gm.recompile()
         reports.append(PassReport(name, rewrites, time.perf_counter() - start))
+        log.info("pass %s: %d rewrites", name, rewrites)
         if dump_dir is not None:
-            (dump_dir / f"{index:02d}_{name}.txt").write_text(str(gm.graph))
+            (dump_dir / f"{index:02d}_{name.replace(':', '_')}.txt").write_text(str(gm.graph))
     return reports
+
+
+def format_report(reports: Sequence[PassReport]) -> str:
+    """A table of passes and their rewrites, for `CompiledModel.report()`."""
+    width = max((len(r.name) for r in reports), default=4)
+    lines = [f"{'pass':<{width}}  rewrites  ms"]
+    lines += [f"{r.name:<{width}}  {r.rewrites:>8}  {r.seconds * 1e3:.1f}" for r in reports]
+    return "\n".join(lines)

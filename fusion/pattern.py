@@ -67,7 +67,9 @@ def _sentinel(index: int, value: Any) -> Any:
 def trace_function(name: str, fn: Callable, example_inputs: Sequence) -> Graph:
     """`fn` as an aten graph with one placeholder per argument (scalars found by sentinel)."""
     scalars = {i for i, x in enumerate(example_inputs) if isinstance(x, (int, float)) and not isinstance(x, bool)}
-    args = tuple(_sentinel(i, x) if i in scalars else x for i, x in enumerate(example_inputs))
+    # Fresh tensors: export would merge the same tensor passed twice into one input.
+    args = tuple(_sentinel(i, x) if i in scalars else x.clone() if isinstance(x, torch.Tensor) else x
+                 for i, x in enumerate(example_inputs))
     try:
         program = torch.export.export(_Fn(fn), args, strict=False)
         gm = program.run_decompositions(aten_decompositions()).module()
