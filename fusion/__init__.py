@@ -21,7 +21,9 @@ from trtllm.kernels import envs
 
 from .gather_logits import gather_logits
 from .kv_cache import insert_kv_cache
+from .norms import canonicalize_layernorm, canonicalize_rmsnorm
 from .pattern import Match, Pattern
+from .rope import canonicalize_rope
 
 __all__ = ["Match", "Pattern", "PassReport", "pipeline", "register", "registered", "run_passes", "unregister"]
 
@@ -29,7 +31,11 @@ log = logging.getLogger("trtllm")
 Pass = Callable[[torch.fx.GraphModule], int]
 
 # Passes that turn the traced arithmetic into canonical ops (attention, rope, norms).
-CANONICALIZE: tuple[tuple[str, Pass], ...] = ()
+CANONICALIZE: tuple[tuple[str, Pass], ...] = (
+    ("rmsnorm", canonicalize_rmsnorm),  # Llama- and Gemma-style RMSNorm arithmetic -> one op
+    ("layernorm", canonicalize_layernorm),  # aten.layer_norm -> trtllm.layernorm
+    ("rope", canonicalize_rope),  # rotate_half rotary embedding -> trtllm.rope
+)
 # Passes that merge canonical ops into fused plugin ops (QKV, gate/up, GEMM+activation, add+norm).
 FUSE: tuple[tuple[str, Pass], ...] = ()
 # The step graph: LM head on sampled rows only, attention over the paged KV cache.
