@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_model
 
 import trtllm
-from conftest import make_model
 from trtllm.fusion import Pattern
 from trtllm.fusion.graph import aten_decompositions, strip_checks
 
