@@ -13,6 +13,7 @@ import torch
 from trtllm.fusion import Pattern, format_report, pipeline, run_passes
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
+from trtllm.lowering.fold import fold_weights
 from trtllm.runtime.kv_cache import KVCachePool
 from trtllm.runtime.llm_engine import LLMEngine, RuntimeConfig
 from trtllm.runtime.sampling_params import SamplingParams
@@ -37,6 +38,7 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
     reports = run_passes(traced.graph_module, pipeline(patterns))
     weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
+    weights = fold_weights(traced.graph_module, weights)
     engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
     compiled = CompiledModel(engine, config, tokenizer=tokenizer)
     compiled.compile_seconds = time.perf_counter() - start

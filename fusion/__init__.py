@@ -19,8 +19,11 @@ import torch
 
 from trtllm.kernels import envs
 
+from .add_rmsnorm import fuse_add_rmsnorm
+from .gated_mlp import fuse_gated_mlp
 from .gather_logits import gather_logits
 from .kv_cache import insert_kv_cache
+from .merge_gemms import merge_parallel_gemms
 from .norms import canonicalize_layernorm, canonicalize_rmsnorm
 from .pattern import Match, Pattern
 from .rope import canonicalize_rope
@@ -37,7 +40,11 @@ CANONICALIZE: tuple[tuple[str, Pass], ...] = (
     ("rope", canonicalize_rope),  # rotate_half rotary embedding -> trtllm.rope
 )
 # Passes that merge canonical ops into fused plugin ops (QKV, gate/up, GEMM+activation, add+norm).
-FUSE: tuple[tuple[str, Pass], ...] = ()
+FUSE: tuple[tuple[str, Pass], ...] = (
+    ("gated_mlp", fuse_gated_mlp),  # act(x Wg) * (x Wu) -> silu_mul / gelu_mul over one GEMM
+    ("merge_gemms", merge_parallel_gemms),  # Q, K, V (and other GEMMs of one input) -> one GEMM
+    ("add_rmsnorm", fuse_add_rmsnorm),  # residual add + RMSNorm -> one op
+)
 # The step graph: LM head on sampled rows only, attention over the paged KV cache.
 STEP: tuple[tuple[str, Pass], ...] = (
     ("gather_logits", gather_logits),

@@ -13,7 +13,8 @@ are at the same aten level as the graphs they are matched on. Matching rules:
 - A float or int in `example_inputs` is a scalar argument: the literal in its place in the
   graph binds to it and the replacement receives it (e.g. an RMSNorm's eps).
 - Every other literal in the search graph (dims, exponents, reshape sizes) is a wildcard that
-  matches any literal or symbolic size; `check(match)` reads them in `match.literals`.
+  matches any literal or symbolic size; `check(match)` reads them in `match.literals`. The
+  index of a `getitem` (which output of a multi-output op) must match exactly.
 - A match is refused when a value computed inside it is used outside it.
 - `check(match) -> bool`, when given, vetoes matches.
 """
@@ -21,6 +22,7 @@ are at the same aten level as the graphs they are matched on. Matching rules:
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,8 +177,10 @@ class Pattern:
     def apply(self, gm: GraphModule) -> int:
         """Rewrite every match in `gm` (in place); returns how many."""
         matches = self.match(gm)
+        replaced: dict[Node, Node] = {}  # an earlier rewrite's old output -> its new value
         for match in matches:
-            self._replace(gm, match)
+            match.inputs = {k: replaced.get(v, v) if isinstance(v, Node) else v for k, v in match.inputs.items()}
+            replaced.update(self._replace(gm, match))
         if matches:
             legalize_graph(gm)
             gm.graph.eliminate_dead_code()
@@ -232,6 +236,8 @@ class Pattern:
                 self._match_arg(pn, index, a, b, match) for a, b in zip(pa, ga))
         if _is_tensor_node(ga) or (isinstance(ga, (list, tuple)) and any(_is_tensor_node(g) for g in ga)):
             return False  # a literal never stands for a computed tensor
+        if pn.target is operator.getitem:
+            return pa == ga  # which output of a multi-output op is structure, not a wildcard
         match.literals[(pn.name, index)] = ga
         return True
 
@@ -243,7 +249,7 @@ class Pattern:
 
     # -- rewriting --------------------------------------------------------------------------
 
-    def _replace(self, gm: GraphModule, match: Match) -> None:
+    def _replace(self, gm: GraphModule, match: Match) -> dict[Node, Node]:
         graph = gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
         old_outputs = [match.nodes[o.name] for o in self.outputs]
@@ -262,6 +268,7 @@ class Pattern:
         for node in sorted(match.nodes.values(), key=order.__getitem__, reverse=True):
             if not node.users:
                 graph.erase_node(node)
+        return dict(zip(old_outputs, new_outputs))
 
 
 def _arg_names(name: str, role: str, fn: Callable) -> list[str]:

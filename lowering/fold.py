@@ -1,0 +1,39 @@
+"""Fold weight-only computations: what the fusion passes build from weights (the concatenated
+QKV and gate/up matrices) is computed once here, not at every step.
+
+Before:                                      After:
+    w = cat([get_attr(Wq), get_attr(Wk)])        w = get_attr(folded_cat)   # prepared once
+    y = linear(x, w)                             y = linear(x, w)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+
+def fold_weights(gm: GraphModule, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rewrite `gm` in place; returns the weights its get_attr nodes now read."""
+    graph = gm.graph
+    known: dict[Node, torch.Tensor] = {n: weights[n.target] for n in graph.nodes if n.op == "get_attr"}
+    weights = dict(weights)
+    for node in list(graph.nodes):
+        inputs = node.all_input_nodes
+        if node.op != "call_function" or not inputs or not all(a in known for a in inputs):
+            continue
+        with torch.no_grad():
+            value = node.target(*torch.fx.node.map_arg(node.args, known.__getitem__),
+                                **torch.fx.node.map_arg(node.kwargs, known.__getitem__))
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = f"folded_{node.name}"
+        gm.register_buffer(name, value, persistent=False)  # get_attr targets must exist on gm
+        with graph.inserting_before(node):
+            folded = graph.get_attr(name)
+        folded.meta = dict(node.meta)
+        node.replace_all_uses_with(folded)
+        graph.erase_node(node)
+        known[folded] = weights[name] = value
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return {n.target: weights[n.target] for n in graph.nodes if n.op == "get_attr"}
