@@ -32,5 +32,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],
     },
-    entry_points={"console_scripts": ["trtllm=trtllm.frontend.cli:main"]},
+    entry_points={
+        "console_scripts": ["trtllm=trtllm.frontend.cli:main"],
+        # torch.compile(m, backend="trtllm") finds the backend here, without `import trtllm`.
+        "torch_dynamo_backends": ["trtllm = trtllm.frontend.backend:trtllm_backend"],
+    },
 )
