@@ -20,8 +20,10 @@ import torch
 from trtllm.kernels import envs
 
 from .add_rmsnorm import fuse_add_rmsnorm
+from .attention import canonicalize_eager_attention, canonicalize_sdpa
 from .gated_mlp import fuse_gated_mlp
 from .gather_logits import gather_logits
+from .gemm_act import fuse_gemm_act
 from .kv_cache import insert_kv_cache
 from .merge_gemms import merge_parallel_gemms
 from .norms import canonicalize_layernorm, canonicalize_rmsnorm
@@ -35,6 +37,8 @@ Pass = Callable[[torch.fx.GraphModule], int]
 
 # Passes that turn the traced arithmetic into canonical ops (attention, rope, norms).
 CANONICALIZE: tuple[tuple[str, Pass], ...] = (
+    ("sdpa", canonicalize_sdpa),  # scaled_dot_product_attention -> trtllm.attention (non-HF modules)
+    ("eager_attention", canonicalize_eager_attention),  # softmax(q k^T * scale) v -> trtllm.attention
     ("rmsnorm", canonicalize_rmsnorm),  # Llama- and Gemma-style RMSNorm arithmetic -> one op
     ("layernorm", canonicalize_layernorm),  # aten.layer_norm -> trtllm.layernorm
     ("rope", canonicalize_rope),  # rotate_half rotary embedding -> trtllm.rope
@@ -43,6 +47,7 @@ CANONICALIZE: tuple[tuple[str, Pass], ...] = (
 FUSE: tuple[tuple[str, Pass], ...] = (
     ("gated_mlp", fuse_gated_mlp),  # act(x Wg) * (x Wu) -> silu_mul / gelu_mul over one GEMM
     ("merge_gemms", merge_parallel_gemms),  # Q, K, V (and other GEMMs of one input) -> one GEMM
+    ("gemm_act", fuse_gemm_act),  # linear (+ bias) + relu / gelu / silu -> one op
     ("add_rmsnorm", fuse_add_rmsnorm),  # residual add + RMSNorm -> one op
 )
 # The step graph: LM head on sampled rows only, attention over the paged KV cache.

@@ -87,8 +87,11 @@ def test_dump_dir_writes_every_pass(traced, tmp_path, monkeypatch):
     model, _ = traced
     fresh = trace(model, dtype=torch.float32, device=CPU)
     reports = run_passes(fresh.graph_module)
+    from trtllm.fusion import pipeline
+
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["00_traced.txt", "01_gather_logits.txt", "02_insert_kv_cache.txt"]
-    layers = model.config.num_hidden_layers
-    assert {r.name: r.rewrites for r in reports} == {"gather_logits": 1, "insert_kv_cache": layers}
-    assert "trtllm.cached_attention" in (tmp_path / "02_insert_kv_cache.txt").read_text()
+    expected = [f"{i:02d}_{name}.txt" for i, (name, _) in enumerate(pipeline(), start=1)]
+    assert names == ["00_traced.txt", *expected]
+    rewrites = {r.name: r.rewrites for r in reports}
+    assert rewrites["gather_logits"] == 1 and rewrites["insert_kv_cache"] == model.config.num_hidden_layers
+    assert "trtllm.cached_attention" in (tmp_path / expected[-1]).read_text()

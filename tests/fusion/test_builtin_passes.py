@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, make_model
+
 from trtllm.frontend.tracer import trace
 from trtllm.fusion import pipeline, run_passes
 

@@ -1,0 +1,85 @@
+"""Canonicalize attention written without transformers' interface into `trtllm::attention`
+(for modules other than HF models; HF models get the op from the tracer directly).
+
+scaled_dot_product_attention, q [B, H, S, D] (no mask, no dropout):
+    o = scaled_dot_product_attention(q, k, v, None, 0.0, is_causal, scale, enable_gqa)
+        ->  o = permute(trtllm.attention(permute(q), permute(k), permute(v), scale, is_causal, -1, 0.0))
+Eager softmax attention (no mask):
+    o = matmul(softmax(mul(matmul(q, transpose(k, -2, -1)), scale), -1), v)
+        ->  the same, non-causal
+
+A mask other than `is_causal` is left to torch: the op cannot express an arbitrary one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.fx import GraphModule
+
+from .graph import call
+from .pattern import Match, Pattern
+
+aten = torch.ops.aten
+BHSD_TO_BSHD = [0, 2, 1, 3]  # [B, H, S, D] <-> [B, S, H, D]; the permutation is its own inverse
+
+
+def _sdpa_args(node) -> tuple | None:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults = (None, None, None, None, 0.0, False, None, False)
+    values = dict(zip(names, defaults))
+    values.update(zip(names, node.args))
+    values.update(node.kwargs)
+    if values["attn_mask"] is not None or values["dropout_p"] != 0.0:
+        return None
+    if any(v.meta["val"].dim() != 4 for v in (values["query"], values["key"], values["value"])):
+        return None
+    return values
+
+
+def canonicalize_sdpa(gm: GraphModule) -> int:
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not aten.scaled_dot_product_attention.default or (args := _sdpa_args(node)) is None:
+            continue
+        q, k, v = args["query"], args["key"], args["value"]
+        scale = args["scale"] if args["scale"] is not None else q.meta["val"].shape[-1] ** -0.5
+        with gm.graph.inserting_before(node):
+            qkv = [call(gm, aten.permute.default, t, BHSD_TO_BSHD) for t in (q, k, v)]  # [B, S, H, D]
+            out = call(gm, torch.ops.trtllm.attention.default, *qkv, float(scale), bool(args["is_causal"]), -1, 0.0)
+            out = call(gm, aten.permute.default, out, BHSD_TO_BSHD)  # [B, H, S, D]
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        rewrites += 1
+    return rewrites
+
+
+def _eager(q, k, v, scale):
+    return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1), v)
+
+
+def _fused(q, k, v, scale):
+    out = torch.ops.trtllm.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, False, -1, 0.0)
+    return out.transpose(1, 2)
+
+
+def _last_two_dims(match: Match) -> bool:
+    """The transpose swaps the last two dims and the softmax runs over the last one."""
+    for node in match.nodes.values():
+        rank = node.meta["val"].dim() if "val" in node.meta else 4
+        if node.target is aten.transpose.int and sorted(d % rank for d in node.args[1:3]) != [rank - 2, rank - 1]:
+            return False
+        if node.target is aten._softmax.default and node.args[1] % rank != rank - 1:
+            return False
+    return all(match.inputs[n].meta["val"].dim() == 4 for n in ("q", "k", "v"))
+
+
+@functools.cache
+def _patterns() -> tuple[Pattern, ...]:
+    q = torch.randn(1, 2, 4, 8)
+    return (Pattern("eager-attention", _eager, _fused, (q, q, q, 0.125), check=_last_two_dims),)
+
+
+def canonicalize_eager_attention(gm: GraphModule) -> int:
+    return sum(p.apply(gm) for p in _patterns())
