@@ -43,9 +43,10 @@ def _gemma2():
     """Attention and final-logit soft-capping, sliding window on every other layer, GeGLU."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
+    # Eager attention: transformers 5.17 defaults Gemma-2 to SDPA, which drops the softcap.
     return Gemma2ForCausalLM(Gemma2Config(**{
         **TINY_CONFIG, "head_dim": 32, "sliding_window": 8, "attn_logit_softcapping": 5.0,
-        "final_logit_softcapping": 30.0,
+        "final_logit_softcapping": 30.0, "attn_implementation": "eager",
     }))
 
 
