@@ -32,7 +32,13 @@ def make(family: str) -> torch.nn.Module:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_compiles_and_matches(family):
     model = make(family)
-    llm = trtllm.compile(model, dtype="fp32")
+    try:
+        llm = trtllm.compile(model, dtype="fp32")
+    except trtllm.UnsupportedModelError as exc:
+        # Older transformers (5.17: GPT-J, CodeGen) write some families' attention by hand; the
+        # refusal must then be the clear one.
+        assert "bypasses the interface" in str(exc)
+        pytest.skip(f"{family} bypasses the attention interface in transformers {transformers.__version__}")
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     expected = model(ids).logits
     assert (llm(ids) - expected).abs().max() / expected.abs().max() < 1e-4
