@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-import trtllm  # noqa: E402
 from conftest import ARCHITECTURES, make_model  # noqa: E402
+
+import trtllm  # noqa: E402
 
 
 def main() -> None:

@@ -71,3 +71,27 @@ ARCHITECTURES = {
 def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return widen_weights(ARCHITECTURES[arch](), seed).eval()
+
+
+class Fn(torch.nn.Module):
+    """A module around a plain function, for tracing small graphs."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def traced_aten(module: torch.nn.Module, *inputs) -> torch.fx.GraphModule:
+    """`module` at the aten level the tracer produces (torch.export + trtllm's table)."""
+    from trtllm.fusion.graph import aten_decompositions, strip_checks
+
+    gm = torch.export.export(module, inputs).run_decompositions(aten_decompositions()).module()
+    strip_checks(gm)
+    return gm
+
+
+def count_op(gm: torch.fx.GraphModule, op) -> int:
+    return sum(n.target is op for n in gm.graph.nodes)

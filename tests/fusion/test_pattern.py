@@ -4,41 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import Fn, count_op, make_model, traced_aten
 
 import trtllm
 from trtllm.fusion import Pattern
-from trtllm.fusion.graph import aten_decompositions, strip_checks
 
 X = torch.randn(4, 8)
 
 
-def traced(module: torch.nn.Module, *inputs) -> torch.fx.GraphModule:
-    gm = torch.export.export(module, inputs).run_decompositions(aten_decompositions()).module()
-    strip_checks(gm)
-    return gm
 
-
-def count(gm, op) -> int:
-    return sum(n.target is op for n in gm.graph.nodes)
-
-
-class Fn(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def test_rewrites_and_keeps_results():
     silu_back = Pattern("silu-to-arith", lambda x: torch.nn.functional.silu(x),
                         lambda x: x * torch.sigmoid(x), example_inputs=(X,))
-    gm = traced(Fn(lambda x: torch.nn.functional.silu(x) + torch.nn.functional.silu(2 * x)), X)
+    gm = traced_aten(Fn(lambda x: torch.nn.functional.silu(x) + torch.nn.functional.silu(2 * x)), X)
     expected = gm(X)[0]
     assert silu_back.apply(gm) == 2
-    assert count(gm, torch.ops.aten.silu.default) == 0 and count(gm, torch.ops.aten.sigmoid.default) == 2
+    assert count_op(gm, torch.ops.aten.silu.default) == 0 and count_op(gm, torch.ops.aten.sigmoid.default) == 2
     torch.testing.assert_close(gm(X)[0], expected)
 
 
@@ -52,7 +35,7 @@ def test_scalar_argument_binds_and_reaches_the_replacement():
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
     pattern = Pattern("norm", search, replacement, (X, 1e-6), check=lambda m: seen.append(m.inputs["eps"]) or True)
-    gm = traced(Fn(lambda x: search(x, 0.25)), X)
+    gm = traced_aten(Fn(lambda x: search(x, 0.25)), X)
     assert pattern.apply(gm) == 1
     assert seen == [0.25]
     assert any(0.25 in n.args for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor)
@@ -63,7 +46,7 @@ def test_literals_are_wildcards_that_check_can_read():
     literals = []
     pattern = Pattern("mean", lambda x: x.mean(-1), lambda x: x.sum(-1) / x.shape[-1], (X,),
                       check=lambda m: literals.append(dict(m.literals)) or False)
-    gm = traced(Fn(lambda x: x.mean(0)), X)
+    gm = traced_aten(Fn(lambda x: x.mean(0)), X)
     assert pattern.apply(gm) == 0, "check vetoed it"
     assert [0] in [v for d in literals for v in d.values()], literals
 
@@ -75,14 +58,14 @@ def test_inner_value_used_outside_is_not_fused():
         s = torch.sigmoid(x)
         return x * s, s + 1  # the sigmoid escapes the match
 
-    gm = traced(Fn(leaky), X)
+    gm = traced_aten(Fn(leaky), X)
     assert pattern.apply(gm) == 0
-    assert count(gm, torch.ops.aten.sigmoid.default) == 1
+    assert count_op(gm, torch.ops.aten.sigmoid.default) == 1
 
 
 def test_one_node_bound_to_two_arguments():
     pattern = Pattern("product", lambda a, b: a * b, lambda a, b: torch.mul(b, a) + 0.0, (X, X))
-    gm = traced(Fn(lambda x: (x + 1) * (x + 1)), X)
+    gm = traced_aten(Fn(lambda x: (x + 1) * (x + 1)), X)
     assert pattern.apply(gm) == 1
     torch.testing.assert_close(gm(X)[0], (X + 1) * (X + 1))
 
@@ -96,11 +79,11 @@ def test_several_outputs():
         return s, s - 2 * b
 
     pattern = Pattern("sum-diff", search, replacement, (X, X))
-    gm = traced(Fn(lambda a, b: torch.cat(search(a, b))), X, X)
+    gm = traced_aten(Fn(lambda a, b: torch.cat(search(a, b))), X, X)
     y = torch.randn(4, 8)
     expected = gm(X, y)[0]
     assert pattern.apply(gm) == 1
-    assert count(gm, torch.ops.aten.sub.Tensor) == 1 and count(gm, torch.ops.aten.mul.Tensor) == 1
+    assert count_op(gm, torch.ops.aten.sub.Tensor) == 1 and count_op(gm, torch.ops.aten.mul.Tensor) == 1
     torch.testing.assert_close(gm(X, y)[0], expected)
 
 

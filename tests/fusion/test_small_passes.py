@@ -5,22 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Fn, count_op, traced_aten
 
 from trtllm.fusion.attention import canonicalize_eager_attention, canonicalize_sdpa
 from trtllm.fusion.gemm_act import fuse_gemm_act
-from trtllm.fusion.graph import aten_decompositions, strip_checks
 
 ops = torch.ops.trtllm
 
 
-def traced(module: torch.nn.Module, *inputs) -> torch.fx.GraphModule:
-    gm = torch.export.export(module, inputs).run_decompositions(aten_decompositions()).module()
-    strip_checks(gm)
-    return gm
-
-
-def count(gm, op) -> int:
-    return sum(n.target is op for n in gm.graph.nodes)
 
 
 class Attention(torch.nn.Module):
@@ -39,27 +31,19 @@ class Attention(torch.nn.Module):
 def test_attention_becomes_the_op(kind, causal, gqa):
     q = torch.randn(2, 4, 6, 8)
     k, v = (torch.randn(2, 2 if gqa else 4, 6, 8) for _ in range(2))
-    gm = traced(Attention(kind, causal, gqa), q, k, v)
+    gm = traced_aten(Attention(kind, causal, gqa), q, k, v)
     expected = gm(q, k, v)[0]
     assert canonicalize_sdpa(gm) + canonicalize_eager_attention(gm) == 1
-    assert count(gm, ops.attention.default) == 1 and count(gm, torch.ops.aten._softmax.default) == 0
+    assert count_op(gm, ops.attention.default) == 1 and count_op(gm, torch.ops.aten._softmax.default) == 0
     torch.testing.assert_close(gm(q, k, v)[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_masked_sdpa_is_left_alone():
     q = torch.randn(1, 2, 4, 8)
     mask = torch.randn(4, 4)
-    gm = traced(Fn(lambda q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m)), q, mask)
+    gm = traced_aten(Fn(lambda q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m)), q, mask)
     assert canonicalize_sdpa(gm) == 0
 
-
-class Fn(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 @pytest.mark.parametrize("act, fn", [("relu", F.relu), ("gelu", F.gelu), ("silu", F.silu),
@@ -67,7 +51,7 @@ class Fn(torch.nn.Module):
 def test_gemm_act(act, fn):
     linear = torch.nn.Linear(8, 16)
     x = torch.randn(3, 8)
-    gm = traced(Fn(lambda x: fn(linear(x))), x)
+    gm = traced_aten(Fn(lambda x: fn(linear(x))), x)
     expected = gm(x)[0]
     assert fuse_gemm_act(gm) == 1
     node = next(n for n in gm.graph.nodes if n.target is ops.gemm_act.default)
@@ -77,5 +61,5 @@ def test_gemm_act(act, fn):
 
 def test_gemm_act_keeps_a_preactivation_that_is_used():
     linear = torch.nn.Linear(8, 8)
-    gm = traced(Fn(lambda x: (h := linear(x)) + F.relu(h)), torch.randn(2, 8))
+    gm = traced_aten(Fn(lambda x: (h := linear(x)) + F.relu(h)), torch.randn(2, 8))
     assert fuse_gemm_act(gm) == 0
