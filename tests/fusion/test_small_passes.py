@@ -63,3 +63,50 @@ def test_gemm_act_keeps_a_preactivation_that_is_used():
     linear = torch.nn.Linear(8, 8)
     gm = traced_aten(Fn(lambda x: (h := linear(x)) + F.relu(h)), torch.randn(2, 8))
     assert fuse_gemm_act(gm) == 0
+
+
+def _rotate_half(x):
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
+
+def _rotate_every_two(x):
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_forms(interleaved):
+    from trtllm.fusion.rope import canonicalize_rope
+
+    rotate = _rotate_every_two if interleaved else _rotate_half
+
+    def rope(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+    q, k = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16)
+    angles = torch.randn(1, 6, 8)
+    if interleaved:
+        angles = angles.repeat_interleave(2, dim=-1)
+    else:
+        angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    gm = traced_aten(Fn(rope), q, k, cos, sin)
+    expected = gm(q, k, cos, sin)
+    assert canonicalize_rope(gm) == 1
+    (node,) = [n for n in gm.graph.nodes if n.target is ops.rope.default]
+    assert node.args[4] is interleaved
+    for got, want in zip(gm(q, k, cos, sin), expected):
+        assert torch.equal(got, want)
+
+
+def test_rope_with_another_cut_is_left_alone():
+    from trtllm.fusion.rope import canonicalize_rope
+
+    def not_rope(q, k, cos, sin):  # rotates a third, not a half: not RoPE
+        third = q.shape[-1] // 3
+        rot = lambda x: torch.cat((-x[..., third:], x[..., :third]), dim=-1)  # noqa: E731
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+    args = (torch.randn(1, 2, 4, 12), torch.randn(1, 2, 4, 12), torch.randn(1, 4, 12), torch.randn(1, 4, 12))
+    assert canonicalize_rope(traced_aten(Fn(not_rope), *args)) == 0
