@@ -4,9 +4,10 @@
 scaled_dot_product_attention, q [B, H, S, D] (no mask, no dropout):
     o = scaled_dot_product_attention(q, k, v, None, 0.0, is_causal, scale, enable_gqa)
         ->  o = permute(trtllm.attention(permute(q), permute(k), permute(v), scale, is_causal, -1, 0.0))
-Eager softmax attention (no mask):
+Eager softmax attention (no mask), also with K/V heads repeated for GQA (HF's `repeat_kv`:
+unsqueeze, expand, reshape):
     o = matmul(softmax(mul(matmul(q, transpose(k, -2, -1)), scale), -1), v)
-        ->  the same, non-causal
+        ->  the same, non-causal (the op repeats K/V heads itself)
 
 A mask other than `is_causal` is left to torch: the op cannot express an arbitrary one.
 """
@@ -65,20 +66,50 @@ def _fused(q, k, v, scale):
 
 
 def _last_two_dims(match: Match) -> bool:
-    """The transpose swaps the last two dims and the softmax runs over the last one."""
+    """The transpose of k swaps its last two dims and the softmax runs over the last one."""
     for node in match.nodes.values():
-        rank = node.meta["val"].dim() if "val" in node.meta else 4
-        if node.target is aten.transpose.int and sorted(d % rank for d in node.args[1:3]) != [rank - 2, rank - 1]:
+        if node.target is aten.permute.default and list(node.args[1]) != [0, 1, 3, 2]:
             return False
-        if node.target is aten._softmax.default and node.args[1] % rank != rank - 1:
+        if node.target is aten.transpose.int and sorted(d % 4 for d in node.args[1:3]) != [2, 3]:
+            return False
+        if node.target is aten._softmax.default and node.args[1] not in (-1, 3):
             return False
     return all(match.inputs[n].meta["val"].dim() == 4 for n in ("q", "k", "v"))
 
 
+def _repeat_kv(x, n_rep: int):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _eager_gqa(q, k, v, scale):
+    return _eager(q, _repeat_kv(k, 2), _repeat_kv(v, 2), scale)
+
+
+def _repeats_heads(match: Match) -> bool:
+    """K and V go [B, Hkv, S, D] -> [B, Hkv, n, S, D] -> [B, Hkv * n, S, D] with Hkv * n = H:
+    each K/V head serves n consecutive query heads, as the op's GQA does."""
+    q = match.inputs["q"].meta["val"]
+    for node in match.nodes.values():
+        if node.target is aten.unsqueeze.default and node.args[1] != 2:
+            return False
+        if node.target is aten.expand.default:
+            b, hkv, n, s, d = node.args[1]
+            kv = node.args[0].meta["val"]
+            if [b, hkv, s, d] != [kv.shape[0], kv.shape[1], kv.shape[3], kv.shape[4]] or hkv * n != q.shape[1]:
+                return False
+        if node.target is aten.view.default and list(node.meta["val"].shape) != [*q.shape[:2], *node.args[0].meta["val"].shape[3:]]:
+            return False
+    return _last_two_dims(match)
+
+
 @functools.cache
 def _patterns() -> tuple[Pattern, ...]:
-    q = torch.randn(1, 2, 4, 8)
-    return (Pattern("eager-attention", _eager, _fused, (q, q, q, 0.125), check=_last_two_dims),)
+    q, kv = torch.randn(1, 4, 4, 8), torch.randn(1, 2, 4, 8)
+    return (
+        Pattern("eager-attention-gqa", _eager_gqa, _fused, (q, kv, kv, 0.125), check=_repeats_heads),
+        Pattern("eager-attention", _eager, _fused, (q, q, q, 0.125), check=_last_two_dims),
+    )
 
 
 def canonicalize_eager_attention(gm: GraphModule) -> int:

@@ -23,14 +23,19 @@ class Attention(torch.nn.Module):
     def forward(self, q, k, v):  # [B, H, S, D]
         if self.kind == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.gqa)
+        if self.gqa:  # transformers' repeat_kv
+            b, h, s, d = k.shape
+            n = q.shape[1] // h
+            k, v = (t[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d) for t in (k, v))
         return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v
 
 
 @pytest.mark.parametrize("kind, causal, gqa", [("sdpa", False, False), ("sdpa", True, False),
-                                               ("sdpa", True, True), ("eager", False, False)])
+                                               ("sdpa", True, True), ("eager", False, False),
+                                               ("eager", False, True)])
 def test_attention_becomes_the_op(kind, causal, gqa):
     q = torch.randn(2, 4, 6, 8)
-    k, v = (torch.randn(2, 2 if gqa else 4, 6, 8) for _ in range(2))
+    k, v = (torch.randn(2, 1 if gqa and kind == "eager" else 2 if gqa else 4, 6, 8) for _ in range(2))
     gm = traced_aten(Attention(kind, causal, gqa), q, k, v)
     expected = gm(q, k, v)[0]
     assert canonicalize_sdpa(gm) + canonicalize_eager_attention(gm) == 1
@@ -110,3 +115,9 @@ def test_rope_with_another_cut_is_left_alone():
 
     args = (torch.randn(1, 2, 4, 12), torch.randn(1, 2, 4, 12), torch.randn(1, 4, 12), torch.randn(1, 4, 12))
     assert canonicalize_rope(traced_aten(Fn(not_rope), *args)) == 0
+
+
+def test_eager_attention_with_the_wrong_transpose_is_left_alone():
+    q = torch.randn(1, 4, 4, 4)  # square, so a transpose of dims 1 and 2 also type-checks
+    gm = traced_aten(Fn(lambda q, k, v: torch.softmax(q @ k.transpose(1, 2) * 0.5, dim=-1) @ v), q, q, q)
+    assert canonicalize_eager_attention(gm) == 0
