@@ -146,6 +146,7 @@ class Pattern:
             isinstance(o, Node) and o.op == "call_function" for o in self.outputs
         ):
             raise TrtllmError(f"pattern {name!r}: search traces to nothing to match (it only returns its inputs)")
+        self._check_bound_arguments()
         if len(_outputs(self.replacement)) != len(self.outputs):
             raise TrtllmError(
                 f"pattern {name!r}: search returns {len(self.outputs)} values, replacement "
@@ -154,6 +155,16 @@ class Pattern:
 
     def __repr__(self) -> str:
         return f"Pattern({self.name!r})"
+
+    def _check_bound_arguments(self) -> None:
+        """Every argument the replacement reads must be one the search graph binds."""
+        used_by_search = {n.meta["arg"] for n in self.search.nodes if n.op == "placeholder" and n.users}
+        for node in self.replacement.nodes:
+            if node.op == "placeholder" and node.users and node.meta["arg"] not in used_by_search:
+                raise TrtllmError(
+                    f"pattern {self.name!r}: the replacement uses {node.meta['arg']!r}, which the traced search "
+                    "does not contain as it is (a scalar must appear in the search unchanged, not computed on)"
+                )
 
     def _rename_placeholders(self) -> None:
         for graph in (self.search, self.replacement):

@@ -93,6 +93,7 @@ def test_several_outputs():
     (lambda x: x + 1, lambda x: x + 1, (X, X), "2 example inputs for 1 arguments"),
     (lambda x: x + 1, lambda x: (x, x), (X,), "search returns 1 values, replacement 2"),
     (lambda *xs: xs[0] + 1, lambda *xs: xs[0], (X,), "named arguments"),
+    (lambda x, eps: x * (eps * 2), lambda x, eps: x + eps, (X, 1e-6), "replacement uses 'eps'"),
     ("x + 1", lambda x: x, (X,), "must be a function"),
 ])
 def test_malformed_patterns_are_refused(search, replacement, inputs, message):
