@@ -9,7 +9,9 @@ unsqueeze, expand, reshape):
     o = matmul(softmax(mul(matmul(q, transpose(k, -2, -1)), scale), -1), v)
         ->  the same, non-causal (the op repeats K/V heads itself)
 
-A mask other than `is_causal` is left to torch: the op cannot express an arbitrary one.
+With a mask (added as a bias, or through masked_fill with -inf), the same becomes causal
+attention when the mask is the causal mask (fusion/causal_mask.py evaluates how it is built);
+any other mask is left to torch: the op cannot express an arbitrary one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import functools
 import torch
 from torch.fx import GraphModule
 
+from .causal_mask import is_causal_mask
 from .graph import call
 from .pattern import Match, Pattern
 
@@ -103,10 +106,37 @@ def _repeats_heads(match: Match) -> bool:
     return _last_two_dims(match)
 
 
+def _eager_bias(q, k, v, scale, mask):
+    return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale + mask, dim=-1), v)
+
+
+def _eager_fill(q, k, v, scale, mask):
+    scores = (torch.matmul(q, k.transpose(-2, -1)) * scale).masked_fill(mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def _fused_causal(q, k, v, scale, mask):
+    out = torch.ops.trtllm.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, True, -1, 0.0)
+    return out.transpose(1, 2)
+
+
+def _causal(match: Match) -> bool:
+    mask = match.inputs["mask"]
+    if not isinstance(mask, torch.fx.Node) or not _last_two_dims(match):
+        return False
+    fills = [n for n in match.nodes.values() if n.target is aten.scalar_tensor.default]  # masked_fill's value
+    if any(n.args[0] != float("-inf") for n in fills):
+        return False
+    return is_causal_mask(mask, match.inputs["q"].meta["val"].shape[2])
+
+
 @functools.cache
 def _patterns() -> tuple[Pattern, ...]:
     q, kv = torch.randn(1, 4, 4, 8), torch.randn(1, 2, 4, 8)
+    bias, hidden = torch.zeros(4, 4), torch.ones(4, 4, dtype=torch.bool).triu(1)
     return (
+        Pattern("eager-attention-causal-bias", _eager_bias, _fused_causal, (q, q, q, 0.125, bias), check=_causal),
+        Pattern("eager-attention-causal-fill", _eager_fill, _fused_causal, (q, q, q, 0.125, hidden), check=_causal),
         Pattern("eager-attention-gqa", _eager_gqa, _fused, (q, kv, kv, 0.125), check=_repeats_heads),
         Pattern("eager-attention", _eager, _fused, (q, q, q, 0.125), check=_last_two_dims),
     )

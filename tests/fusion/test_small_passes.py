@@ -121,3 +121,47 @@ def test_eager_attention_with_the_wrong_transpose_is_left_alone():
     q = torch.randn(1, 4, 4, 4)  # square, so a transpose of dims 1 and 2 also type-checks
     gm = traced_aten(Fn(lambda q, k, v: torch.softmax(q @ k.transpose(1, 2) * 0.5, dim=-1) @ v), q, q, q)
     assert canonicalize_eager_attention(gm) == 0
+
+
+class MaskedAttention(torch.nn.Module):
+    """Hand-written causal attention, its mask built from the sequence length."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, q, k, v):  # [B, H, S, D]
+        s = q.shape[2]
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        if self.form == "bias":
+            scores = scores + torch.full((s, s), float("-inf"), device=q.device).triu(1)
+        elif self.form == "fill":
+            scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).tril() == 0, float("-inf"))
+        else:  # "window": a sliding window is not plain causal
+            keep = torch.ones(s, s, dtype=torch.bool, device=q.device).tril() & ~torch.ones(
+                s, s, dtype=torch.bool, device=q.device).tril(-2)
+            scores = scores.masked_fill(~keep, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("form, fused", [("bias", True), ("fill", True), ("window", False)])
+def test_masked_eager_attention(form, fused):
+    from torch.export import Dim
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    seq = Dim("seq")
+    dynamic = {"q": {2: seq}, "k": {2: seq}, "v": {2: seq}}
+    from trtllm.fusion.graph import aten_decompositions, strip_checks
+
+    gm = torch.export.export(MaskedAttention(form), (q, k, v), dynamic_shapes=dynamic)
+    gm = gm.run_decompositions(aten_decompositions()).module()
+    strip_checks(gm)
+    expected = gm(q, k, v)[0]
+    assert canonicalize_eager_attention(gm) == int(fused)
+    if fused:
+        (node,) = [n for n in gm.graph.nodes if n.target is ops.attention.default]
+        assert node.args[4] is True  # causal
+    q2, k2, v2 = (torch.randn(1, 2, 9, 8) for _ in range(3))  # another length: the mask was not baked in
+    torch.testing.assert_close(gm(q, k, v)[0], expected, rtol=1e-5, atol=1e-5)
+    reference = MaskedAttention(form)(q2, k2, v2)
+    torch.testing.assert_close(gm(q2, k2, v2)[0], reference, rtol=1e-5, atol=1e-5)
