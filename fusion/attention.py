@@ -22,7 +22,7 @@ import torch
 from torch.fx import GraphModule
 
 from .causal_mask import is_causal_mask
-from .graph import call
+from .graph import call, has_op
 from .pattern import Match, Pattern
 
 aten = torch.ops.aten
@@ -143,4 +143,6 @@ def _patterns() -> tuple[Pattern, ...]:
 
 
 def canonicalize_eager_attention(gm: GraphModule) -> int:
+    if not has_op(gm, aten._softmax.default):
+        return 0
     return sum(p.apply(gm) for p in _patterns())

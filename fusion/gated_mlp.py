@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
+from .graph import has_op
 from .pattern import Match, Pattern
 
 aten = torch.ops.aten
@@ -43,7 +44,7 @@ def _silu_split(gu):
 
 
 @functools.cache
-def _patterns() -> tuple[Pattern, ...]:
+def _silu_patterns() -> tuple[Pattern, ...]:
     x, w = torch.randn(2, 8), torch.randn(16, 8)
     separate = _weights_only("w_gate", "w_up")
     patterns = [
@@ -53,10 +54,10 @@ def _patterns() -> tuple[Pattern, ...]:
         Pattern("silu-split", _silu_split, lambda gu: torch.ops.trtllm.silu_mul(gu), (torch.randn(2, 16),),
                 check=_split_in_halves),
     ]
-    patterns += [_gelu_pattern(approximate, x, w) for approximate in ("none", "tanh")]
     return tuple(patterns)
 
 
+@functools.cache
 def _gelu_pattern(approximate: str, x: torch.Tensor, w: torch.Tensor) -> Pattern:
     def search(x, w_gate, w_up):
         return F.gelu(F.linear(x, w_gate), approximate=approximate) * F.linear(x, w_up)
@@ -72,4 +73,10 @@ def _gelu_pattern(approximate: str, x: torch.Tensor, w: torch.Tensor) -> Pattern
 
 
 def fuse_gated_mlp(gm: GraphModule) -> int:
-    return sum(p.apply(gm) for p in _patterns())
+    rewrites = 0
+    if has_op(gm, aten.silu.default):
+        rewrites += sum(p.apply(gm) for p in _silu_patterns())
+    if has_op(gm, aten.gelu.default):
+        x, w = torch.randn(2, 8), torch.randn(16, 8)
+        rewrites += sum(_gelu_pattern(a, x, w).apply(gm) for a in ("none", "tanh"))
+    return rewrites

@@ -94,3 +94,14 @@ def strip_checks(gm: GraphModule) -> None:
     graph.eliminate_dead_code()
     graph._codegen = torch.fx.graph.CodeGen()  # positional inputs, tuple output (no pytree specs)
     gm.recompile()
+
+
+def has_op(gm: GraphModule, *ops) -> bool:
+    """Whether any node calls one of `ops` (passes skip building patterns they cannot match)."""
+    return any(n.op == "call_function" and n.target in ops for n in gm.graph.nodes)
+
+
+def float_dtypes(gm: GraphModule) -> set[torch.dtype]:
+    """The floating dtypes of the graph's inputs and weights."""
+    vals = (n.meta.get("val") for n in gm.graph.nodes if n.op in ("placeholder", "get_attr"))
+    return {v.dtype for v in vals if isinstance(v, torch.Tensor) and v.is_floating_point()}

@@ -7,8 +7,8 @@ Llama-style RMSNorm (Llama, Mistral, Qwen2, Phi-3, ...), traced in bf16:
 Gemma-style RMSNorm (weight applied as 1 + w, in float32)  ->  trtllm.gemma_rmsnorm(x, w, eps)
 aten.layer_norm(x, [H], w, b, eps)                         ->  trtllm.layernorm(x, w, b, eps)
 
-Patterns are traced once per dtype (the casts differ) and checked: exponent 2, mean over the
-last dim with keepdim.
+Patterns are traced once per dtype (the casts differ), only for the dtypes the graph's inputs
+and weights have, and checked: exponent 2, mean over the last dim with keepdim.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import functools
 import torch
 from torch.fx import GraphModule
 
+from .graph import float_dtypes, has_op
 from .pattern import Match, Pattern
 
 aten = torch.ops.aten
@@ -48,21 +49,23 @@ def last_dim_mean_of_square(match: Match) -> bool:
 
 
 @functools.cache
-def _patterns() -> tuple[Pattern, ...]:
-    patterns = []
-    for dtype in DTYPES:
-        x, w = torch.randn(2, 8, dtype=dtype), torch.randn(8, dtype=dtype)
-        patterns.append(Pattern(f"rmsnorm-{dtype}", _llama_rmsnorm,
-                                lambda x, weight, eps: torch.ops.trtllm.rmsnorm(x, weight, eps),
-                                (x, w, 1e-6), check=last_dim_mean_of_square))
-        patterns.append(Pattern(f"gemma-rmsnorm-{dtype}", _gemma_rmsnorm,
-                                lambda x, weight, eps: torch.ops.trtllm.gemma_rmsnorm(x, weight, eps),
-                                (x, w, 1e-6), check=last_dim_mean_of_square))
-    return tuple(patterns)
+def _patterns(dtype: torch.dtype) -> tuple[Pattern, ...]:
+    """The RMSNorm patterns for inputs of `dtype` (the casts in the graph differ by dtype)."""
+    x, w = torch.randn(2, 8, dtype=dtype), torch.randn(8, dtype=dtype)
+    return (
+        Pattern(f"rmsnorm-{dtype}", _llama_rmsnorm, lambda x, weight, eps: torch.ops.trtllm.rmsnorm(x, weight, eps),
+                (x, w, 1e-6), check=last_dim_mean_of_square),
+        Pattern(f"gemma-rmsnorm-{dtype}", _gemma_rmsnorm,
+                lambda x, weight, eps: torch.ops.trtllm.gemma_rmsnorm(x, weight, eps),
+                (x, w, 1e-6), check=last_dim_mean_of_square),
+    )
 
 
 def canonicalize_rmsnorm(gm: GraphModule) -> int:
-    return sum(p.apply(gm) for p in _patterns())
+    if not has_op(gm, aten.rsqrt.default):
+        return 0
+    dtypes = [d for d in DTYPES if d in float_dtypes(gm)]
+    return sum(p.apply(gm) for dtype in dtypes for p in _patterns(dtype))
 
 
 def canonicalize_layernorm(gm: GraphModule) -> int:

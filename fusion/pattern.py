@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,8 +74,10 @@ def trace_function(name: str, fn: Callable, example_inputs: Sequence) -> Graph:
     args = tuple(_sentinel(i, x) if i in scalars else x.clone() if isinstance(x, torch.Tensor) else x
                  for i, x in enumerate(example_inputs))
     try:
-        program = torch.export.export(_Fn(fn), args, strict=False)
-        gm = program.run_decompositions(aten_decompositions()).module()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
+            program = torch.export.export(_Fn(fn), args, strict=False)
+            gm = program.run_decompositions(aten_decompositions()).module()
     except Exception as exc:  # export raises many kinds; say which pattern and function
         raise TrtllmError(f"pattern {name!r}: cannot trace {fn!r}: {type(exc).__name__}: {exc}") from exc
     strip_checks(gm)
