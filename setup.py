@@ -28,9 +28,11 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "tqdm",
+        # The CUDA kernels; on CPU, tests run them through Triton's interpreter.
+        "triton>=3.4; sys_platform == 'linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "triton==3.6.0; sys_platform == 'linux'"],
     },
     entry_points={
         "console_scripts": ["trtllm=trtllm.frontend.cli:main"],

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from trtllm.frontend.tiny import TINY_CONFIG, tiny_llama, widen_weights
+# Without a GPU the Triton kernels run through Triton's interpreter on CPU tensors. The switch
+# is read when a kernel is decorated, so it must be set before trtllm is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from trtllm.frontend.tiny import TINY_CONFIG, tiny_llama, widen_weights  # noqa: E402
 
 
 def pytest_configure(config):
