@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import attention_triton as _triton
+
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields with == is ambiguous
 class AttentionMetadata:
@@ -190,6 +192,12 @@ def _attention_fake(q, k, v, scale, causal, sliding_window, softcap):
     return q.new_empty(q.shape)  # [B, S, H, D], contiguous like the real output
 
 
+@_attention_op.register_kernel("cuda")
+def _attention_cuda(q, k, v, scale, causal, sliding_window, softcap):
+    impl = _triton.attention_triton if _triton.fits(q) else attention_ref
+    return impl(q, k, v, scale, causal, sliding_window, softcap)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -346,6 +354,12 @@ def _cached_attention_fake(
     layer_idx, scale, causal, sliding_window, softcap,
 ):
     return q.new_empty(q.shape)  # [T, H, D]
+
+
+@_cached_attention_op.register_kernel("cuda")
+def _cached_attention_cuda(q, k, v, kv_cache, *args):
+    impl = _triton.cached_attention_triton if _triton.fits(q) else cached_attention_ref
+    return impl(q, k, v, kv_cache, *args)
 
 
 def cached_attention(

@@ -1,0 +1,445 @@
+"""Triton kernels of `trtllm::attention` and `trtllm::cached_attention` (attention.py holds the
+ops, their formulas and torch references; this file only makes them fast on the GPU).
+
+Three kernels, none of which needs a host copy of the step's metadata (so a step never waits
+on the GPU, and CUDA graphs can capture it):
+
+- `_write_kv_kernel`: new k, v -> their cache slots (slot < 0: skipped).
+- `_prefill_kernel`: FlashAttention over packed variable-length sequences. One program takes
+  BLOCK_M queries of one sequence and one head. It first walks the sequence's earlier context in
+  the paged cache (the part a chunked prefill computed in earlier steps), then the sequence's
+  new keys straight from k, v. Programs find their sequence by binary search over cu_seqlens_q,
+  so the grid, `T // BLOCK_M + B` query blocks, is known without reading the lengths.
+- `_decode_kernel` (+ `_combine_kernel`): sequences with one new token. One program takes one
+  KV head and all G query heads that read it (GQA: each key is loaded once), over one of
+  NUM_SPLITS slices of the context (flash-decoding), so that few long sequences still fill the
+  GPU; the combine kernel merges the slices' partial softmaxes.
+
+Both attention kernels compute in float32 with exp2: p = 2^(s * log2(e) - m).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = math.log2(math.e)
+
+
+# ---------------------------------------------------------------- KV-cache write
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ckv, stride_ch, stride_cp,
+    block_size,
+    HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    if slot < 0:
+        return
+    block = slot // block_size
+    pos = slot % block_size
+    offs_h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+    mask = (offs_h < HKV) & (offs_d < D)
+    dst = cache_ptr + block * stride_cb + pos * stride_cp + offs_h * stride_ch + offs_d
+    k = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+    tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_triton(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+    """kv_cache[s // bs, 0|1, :, s % bs] = k|v[t] for s = slot_mapping[t] >= 0, in place.
+
+    k, v: [T, Hkv, D] (last dim contiguous); kv_cache: [num_blocks, 2, Hkv, bs, D].
+    """
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    _write_kv_kernel[(num_tokens,)](
+        k, v, kv_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        kv_cache.shape[3],
+        HKV=num_kv_heads, D=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+# ---------------------------------------------------------------- shared softmax step
+
+
+@triton.jit
+def _scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """q [M, D] . k [N, D] -> logits [M, N] in log2 units: scaled, then capped as
+    c * tanh(x / c) when SOFTCAP (qk_scale = scale * log2(e))."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
+    if SOFTCAP:
+        x = s * (qk_scale / (softcap * 1.4426950408889634))  # natural units, over c
+        e = tl.exp(-2.0 * tl.abs(x))
+        tanh = tl.where(x >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
+        return tanh * (softcap * 1.4426950408889634)
+    return s * qk_scale
+
+
+@triton.jit
+def _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION: tl.constexpr):
+    """Fold one block of logits s [M, N] (log2 units) and values v [N, D] into the running
+    max m_i [M], sum l_i [M] and output acc [M, D]. Masked entries contribute nothing; a row
+    with nothing visible yet keeps m_i = -inf without producing NaN."""
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)  # [M]; exp2(-inf) = 0 for rows starting out
+    p = tl.exp2(s - m_safe[:, None])  # [M, N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+# ---------------------------------------------------------------- prefill
+
+
+@triton.jit
+def _find_sequence(cu_ptr, num_seqs, pid, BLOCK_M: tl.constexpr):
+    """The sequence b whose query blocks contain block `pid`: the largest b with
+    cu[b] // BLOCK_M + b <= pid (that start bounds the blocks of the sequences before b)."""
+    lo = 0
+    hi = num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        start = tl.load(cu_ptr + mid) // BLOCK_M + mid
+        if start <= pid:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, cache_ptr, cu_ptr, kv_lens_ptr, tables_ptr,
+    num_seqs, qk_scale, softcap, window, block_size,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+    stride_cb, stride_ckv, stride_ch, stride_cp, stride_tb,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, PAGED: tl.constexpr, SKIP_DECODES: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    b = _find_sequence(cu_ptr, num_seqs, pid, BLOCK_M)
+    q_begin = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_begin
+    m0 = (pid - (q_begin // BLOCK_M + b)) * BLOCK_M  # first query of this block, in the sequence
+    if m0 >= q_len:
+        return
+    if SKIP_DECODES and q_len == 1:
+        return  # the decode kernel's
+    if not VARLEN:
+        q_begin = 0  # batched [B, S, ...]: rows start at b * stride_*b, tokens 0 .. S-1
+    prefix = tl.load(kv_lens_ptr + b) - q_len  # cached tokens before this step's
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # [M] query index in the sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    q = tl.load(
+        q_ptr + b * stride_qb + (q_begin + offs_m)[:, None] * stride_qt + h * stride_qh
+        + offs_d[None, :], mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0,
+    )  # [M, D]
+    q_pos = prefix + offs_m  # [M] absolute positions
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # First visible key: the window's start for this block's first query.
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(prefix + m0 - window + 1, 0)
+    if PAGED:  # earlier context, from the cache
+        for n0 in range((lo // BLOCK_N) * BLOCK_N, prefix, BLOCK_N):
+            n = n0 + offs_n  # [N] key positions
+            in_ctx = n < prefix
+            block_ids = tl.load(tables_ptr + b * stride_tb + n // block_size, mask=in_ctx, other=0)
+            base = cache_ptr + block_ids.to(tl.int64) * stride_cb + kvh * stride_ch \
+                + (n % block_size) * stride_cp  # [N]
+            kv_mask = in_ctx[:, None] & d_ok[None, :]
+            k = tl.load(base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+            v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+            visible = in_ctx[None, :]
+            if WINDOW:
+                visible = visible & (q_pos[:, None] - n[None, :] < window)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v.to(q.dtype), visible,
+                                                 PRECISION)
+    # This step's keys, from k and v: j < m0 are visible to the whole block (bar the window),
+    # the diagonal block [m0, m0 + BLOCK_M) needs the causal mask.
+    j_lo = tl.maximum(lo - prefix, 0)
+    j_hi = q_len
+    if CAUSAL:
+        j_hi = tl.minimum(m0 + BLOCK_M, q_len)
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    for j0 in range((j_lo // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
+        j = j0 + offs_n  # [N]
+        kv_mask = (j < q_len)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + (q_begin + j)[:, None] * stride_kt + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(v_base + (q_begin + j)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        s = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+        visible = (j < q_len)[None, :]
+        if CAUSAL:
+            visible = visible & (j[None, :] <= offs_m[:, None])
+        if WINDOW:
+            visible = visible & (offs_m[:, None] - j[None, :] < window)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + b * stride_ob + (q_begin + offs_m)[:, None] * stride_ot + h * stride_oh
+        + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < q_len) & d_ok[None, :],
+    )
+
+
+# ---------------------------------------------------------------- decode
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, out_ptr, part_ptr, stats_ptr, cache_ptr, cu_ptr, kv_lens_ptr, tables_ptr,
+    qk_scale, softcap, window, block_size,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_ckv, stride_ch, stride_cp, stride_tb,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(cu_ptr + b)
+    if tl.load(cu_ptr + b + 1) - row != 1:
+        return  # not a decode: the prefill kernel's (or an empty slot)
+    ctx = tl.load(kv_lens_ptr + b)
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(ctx - window, 0)
+    chunk = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, ctx)
+    offs_g = tl.arange(0, BLOCK_G)  # [G] query heads of this KV head
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    heads = kvh * GROUP + offs_g
+    g_ok = offs_g < GROUP
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G, D]
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n  # [N] key positions
+        in_ctx = n < end
+        block_ids = tl.load(tables_ptr + b * stride_tb + n // block_size, mask=in_ctx, other=0)
+        base = cache_ptr + block_ids.to(tl.int64) * stride_cb + kvh * stride_ch \
+            + (n % block_size) * stride_cp  # [N]
+        kv_mask = in_ctx[:, None] & d_ok[None, :]
+        k = tl.load(base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v.to(q.dtype), in_ctx[None, :],
+                                             PRECISION)
+    out_mask = g_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Partial results [B, H, NUM_SPLITS, ...]: un-normalized acc, running max and sum.
+        part_row = (b * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split  # [G]
+        tl.store(part_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=out_mask)
+        tl.store(stats_ptr + part_row * 2, m_i, mask=g_ok)
+        tl.store(stats_ptr + part_row * 2 + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    out_ptr, part_ptr, stats_ptr, cu_ptr, stride_ot, stride_oh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits s."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.load(cu_ptr + b)
+    if tl.load(cu_ptr + b + 1) - row != 1:
+        return
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    part_row = (b * tl.num_programs(1) + h) * NUM_SPLITS + offs_s  # [S]
+    m = tl.load(stats_ptr + part_row * 2)  # [S]
+    l = tl.load(stats_ptr + part_row * 2 + 1)
+    m_max = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))  # [S]
+    acc = tl.load(part_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :])  # [S, D]
+    total = tl.sum(w * l, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # [D]
+    tl.store(out_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+MAX_HEAD_DIM = 256  # larger heads would not fit a tile in registers
+
+
+def fits(q: Tensor) -> bool:
+    """Whether these kernels take q's head dim and dtype (else the torch reference runs)."""
+    return q.shape[-1] <= MAX_HEAD_DIM and q.dtype in (torch.float16, torch.bfloat16,
+                                                        torch.float32)
+
+
+def _precision(q: Tensor) -> str:
+    """float32 inputs get full-precision dots rather than Triton's default tf32."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs 16 on each side
+
+
+def _prefill_config(head_dim: int, max_q_len: int | None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim; short sequences take 16 rows."""
+    if max_q_len is not None and max_q_len <= 16:
+        return 16, 64, 4, 2
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    if head_dim <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 4, 2
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, to exercise the combine step
+
+
+def _decode_splits(num_seqs: int, num_kv_heads: int, max_ctx: int, device: torch.device) -> int:
+    """Context slices per (sequence, KV head): enough programs for ~4 waves of the GPU, each
+    slice at least 256 keys long; a power of two, for the combine kernel's tile."""
+    want = triton.cdiv(4 * _num_sms(device), max(num_seqs * num_kv_heads, 1))
+    most = max(triton.cdiv(max_ctx, 256), 1)
+    return triton.next_power_of_2(max(min(want, most), 1))
+
+
+def _prefill(q, k, v, out, cu, kv_lens, cache, tables, num_seqs, max_q_len, *, batched, scale,
+             causal, sliding_window, softcap, skip_decodes):
+    """Launch `_prefill_kernel`; q, k, v, out are [T, H, D] (varlen) or [B, S, H, D]."""
+    head_dim = q.shape[-1]
+    num_heads, num_kv_heads = q.shape[-2], k.shape[-2]
+    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, max_q_len)
+    num_tokens = q.shape[0] * q.shape[1] if batched else q.shape[0]
+    grid = (num_tokens // block_m + num_seqs, num_heads)
+
+    def strides(t):  # (batch, token, head)
+        return (t.stride(0), t.stride(1), t.stride(2)) if batched else (0, t.stride(0), t.stride(1))
+
+    paged = cache is not None
+    cache_strides = cache.stride()[:4] if paged else (0, 0, 0, 0)
+    _prefill_kernel[grid](
+        q, k, v, out, cache if paged else q, cu, kv_lens, tables if paged else cu,
+        num_seqs, scale * LOG2E, softcap, sliding_window, cache.shape[3] if paged else 1,
+        *strides(q), *strides(k), *strides(v), *strides(out),
+        *cache_strides, tables.stride(0) if paged else 0,
+        GROUP=num_heads // num_kv_heads, D=head_dim, BLOCK_D=_block_d(head_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n, VARLEN=not batched, PAGED=paged,
+        SKIP_DECODES=skip_decodes, CAUSAL=causal, WINDOW=causal and sliding_window > 0,
+        SOFTCAP=softcap > 0, PRECISION=_precision(q), num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softcap):
+    num_seqs = kv_lens.shape[0]
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads, block_size = cache.shape[2], cache.shape[3]
+    group = num_heads // num_kv_heads
+    block_d = _block_d(head_dim)
+    splits = _decode_splits(num_seqs, num_kv_heads, tables.shape[1] * block_size, q.device)
+    part = stats = out  # unused when there is one split
+    if splits > 1:
+        part = q.new_empty((num_seqs, num_heads, splits, block_d), dtype=torch.float32)
+        stats = q.new_empty((num_seqs, num_heads, splits, 2), dtype=torch.float32)
+    _decode_kernel[(num_seqs, num_kv_heads, splits)](
+        q, out, part, stats, cache, cu, kv_lens, tables,
+        scale * LOG2E, softcap, sliding_window, block_size,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *cache.stride()[:4], tables.stride(0),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_D=block_d,
+        BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=splits, WINDOW=sliding_window > 0,
+        SOFTCAP=softcap > 0, PRECISION=_precision(q), num_warps=4, num_stages=3,
+    )
+    if splits > 1:
+        _combine_kernel[(num_seqs, num_heads)](
+            out, part, stats, cu, out.stride(0), out.stride(1),
+            D=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
+        )
+
+
+def attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, sliding_window: int,
+    softcap: float,
+) -> Tensor:
+    """`trtllm::attention` on the GPU: q [B, S, H, D], k, v [B, S, Hkv, D] -> [B, S, H, D]."""
+    batch, seq_len = q.shape[:2]
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if q.numel() == 0:
+        return out
+    cu = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q.device)
+    kv_lens = torch.full((batch,), seq_len, dtype=torch.int32, device=q.device)
+    _prefill(q, k, v, out, cu, kv_lens, None, None, batch, seq_len, batched=True, scale=scale,
+             causal=causal, sliding_window=sliding_window, softcap=softcap, skip_decodes=False)
+    return out
+
+
+def cached_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, cu_seqlens_q: Tensor,
+    seq_lens_kv: Tensor, block_tables: Tensor, slot_mapping: Tensor, layer_idx: int,
+    scale: float, causal: bool, sliding_window: int, softcap: float,
+) -> Tensor:
+    """`trtllm::cached_attention` on the GPU, without a host sync: q [T, H, D], k, v
+    [T, Hkv, D], kv_cache [num_blocks, 2, Hkv, bs, D] (written in place) -> [T, H, D]."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    write_kv_triton(kv_cache, k, v, slot_mapping)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # padding rows stay zero
+    num_seqs = seq_lens_kv.shape[0]
+    if num_seqs == 0 or q.shape[0] == 0:
+        return out
+    _prefill(q, k, v, out, cu_seqlens_q, seq_lens_kv, kv_cache, block_tables, num_seqs, None,
+             batched=False, scale=scale, causal=causal, sliding_window=sliding_window,
+             softcap=softcap, skip_decodes=True)
+    # A decode's one query sits last in its context: causal or not, it sees every key.
+    _decode(q, out, cu_seqlens_q, seq_lens_kv, kv_cache, block_tables, scale=scale,
+            sliding_window=sliding_window if causal else -1, softcap=softcap)
+    return out
