@@ -111,6 +111,31 @@ def _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _attend_new_keys(
+    acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_vt, start, end, q_len,
+    qk_scale, softcap, window, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fold keys j in [start, end) of this step's tokens (j < q_len) into the softmax of the
+    queries offs_m; CAUSAL masks j > i, WINDOW masks i - j >= window."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for j0 in range(start, end, BLOCK_N):
+        j = j0 + offs_n  # [N]
+        kv_mask = (j < q_len)[:, None] & (offs_d < D)[None, :]
+        k = tl.load(k_base + j[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + j[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+        visible = (j < q_len)[None, :]
+        if CAUSAL:
+            visible = visible & (j[None, :] <= offs_m[:, None])
+        if WINDOW:
+            visible = visible & (offs_m[:, None] - j[None, :] < window)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _find_sequence(cu_ptr, num_seqs, pid, BLOCK_M: tl.constexpr):
     """The sequence b whose query blocks contain block `pid`: the largest b with
     cu[b] // BLOCK_M + b <= pid (that start bounds the blocks of the sequences before b)."""
@@ -184,28 +209,21 @@ def _prefill_kernel(
                 visible = visible & (q_pos[:, None] - n[None, :] < window)
             acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v.to(q.dtype), visible,
                                                  PRECISION)
-    # This step's keys, from k and v: j < m0 are visible to the whole block (bar the window),
-    # the diagonal block [m0, m0 + BLOCK_M) needs the causal mask.
-    j_lo = tl.maximum(lo - prefix, 0)
-    j_hi = q_len
+    # This step's keys, straight from k and v. Causal: keys before the block's first query m0
+    # are visible to all its queries (bar the window), so only the diagonal blocks
+    # [m0, m0 + BLOCK_M) pay for the causal mask; BLOCK_N divides BLOCK_M.
+    k_base = k_ptr + b * stride_kb + (q_begin * stride_kt + kvh * stride_kh)
+    v_base = v_ptr + b * stride_vb + (q_begin * stride_vt + kvh * stride_vh)
+    j_lo = (tl.maximum(lo - prefix, 0) // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        j_hi = tl.minimum(m0 + BLOCK_M, q_len)
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    for j0 in range((j_lo // BLOCK_N) * BLOCK_N, j_hi, BLOCK_N):
-        j = j0 + offs_n  # [N]
-        kv_mask = (j < q_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + (q_begin + j)[:, None] * stride_kt + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
-        v = tl.load(v_base + (q_begin + j)[:, None] * stride_vt + offs_d[None, :], mask=kv_mask,
-                    other=0.0)
-        s = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
-        visible = (j < q_len)[None, :]
-        if CAUSAL:
-            visible = visible & (j[None, :] <= offs_m[:, None])
-        if WINDOW:
-            visible = visible & (offs_m[:, None] - j[None, :] < window)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION)
+        acc, l_i, m_i = _attend_new_keys(
+            acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_vt, j_lo, m0, q_len,
+            qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, False, WINDOW, SOFTCAP, PRECISION)
+        j_lo = m0
+    acc, l_i, m_i = _attend_new_keys(
+        acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_vt, j_lo,
+        tl.minimum(m0 + BLOCK_M, q_len) if CAUSAL else q_len, q_len,
+        qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PRECISION)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(
