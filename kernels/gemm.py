@@ -1,15 +1,27 @@
 """`trtllm::gemm_act`: a linear layer with its bias and activation in the GEMM epilogue.
 
 The reference is `F.linear` followed by the activation in the output dtype, exactly the
-eager `act(nn.Linear(x))` it replaces.
+eager `act(nn.Linear(x))` it replaces. Two CUDA implementations share its contract:
+
+- `gemm_act_triton`: one Triton GEMM, bias and activation in its epilogue, autotuned per
+  (M bucket, N, K);
+- `gemm_act_cublas`: `F.linear` (cuBLAS), then the activation in place by a Triton kernel.
+
+Which one serves a GEMM shape is measured at build time: `plan_gemm_act` times both at a few
+token counts and returns a `GemmActPlan` that dispatches each call by its token count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import Tensor
 
 # The epilogue activations, by the name the `act` argument gives.
@@ -62,3 +74,338 @@ def gemm_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none") 
             f"weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
         )
     return torch.ops.trtllm.gemm_act(x, weight, bias, act)
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _apply_act(y, ACT: tl.constexpr):
+    """act(y) on a float32 block; ACT is a key of ACTIVATIONS."""
+    if ACT == "relu":
+        y = tl.maximum(y, 0.0)
+    elif ACT == "gelu":
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))  # erf(y / sqrt(2))
+    elif ACT == "gelu_tanh":
+        # 0.5 * (1 + tanh(u)) = sigmoid(2u), u = sqrt(2 / pi) * (y + 0.044715 y^3): no tanh needed.
+        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+    elif ACT == "silu":
+        y = y * tl.sigmoid(y)
+    return y
+
+
+@triton.jit
+def _act_kernel(y_ptr, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """y = act(y) in place on a contiguous y of numel elements, computed in float32."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = offs < numel
+    y = tl.load(y_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(y_ptr + offs, _apply_act(y, ACT).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_ACT_BLOCK = 1024
+
+
+def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
+    tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages)
+
+
+# Decode (M <= 16): the GEMM streams the weight once. N tiles of 16-64 give 64-256 programs at
+# N = 4096 (132 SMs on H100); deep K tiles and 3-5 stages keep enough bytes in flight.
+_DECODE_CONFIGS = [
+    _config(16, 32, 128, 4, 4),
+    _config(16, 32, 128, 4, 5),
+    _config(16, 32, 256, 4, 3),
+    _config(16, 32, 256, 4, 4),
+    _config(16, 64, 128, 4, 4),
+    _config(16, 64, 256, 4, 3),
+    _config(16, 64, 256, 4, 4),
+    _config(16, 16, 256, 4, 4),
+]
+# Prefill (M >= 256): tensor-core tiles; GROUP_M row blocks run next to each other so that each
+# weight tile is read from L2 by all of them.
+_PREFILL_CONFIGS = [
+    _config(128, 128, 64, 4, 4),
+    _config(128, 128, 64, 8, 3),
+    _config(128, 128, 64, 8, 4),
+    _config(128, 256, 64, 8, 3),
+    _config(128, 256, 64, 8, 4),
+    _config(64, 256, 64, 4, 4),
+    _config(64, 256, 64, 8, 3),
+    _config(64, 128, 64, 4, 4),
+]
+
+
+def _m_bucket(num_tokens: int) -> int:
+    """The M the autotuner keys on: a power of two in [16, 4096], so each token count does not re-tune."""
+    return min(max(triton.next_power_of_2(num_tokens), 16), 4096)
+
+
+def _configs_for_m_bucket(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Tune decode buckets on the decode tiles, prefill buckets on the prefill tiles, the rest on all."""
+    m_bucket = {**named_args, **kwargs}["M_BUCKET"]
+    if m_bucket <= 16:
+        return _DECODE_CONFIGS
+    if m_bucket >= 256:
+        return _PREFILL_CONFIGS
+    return configs
+
+
+@triton.autotune(
+    configs=_DECODE_CONFIGS + _PREFILL_CONFIGS,
+    key=["M_BUCKET", "N", "K"],  # the autotuner adds the tensors' dtypes
+    prune_configs_by={"early_config_prune": _configs_for_m_bucket},
+)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _gemm_act_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    M, N, K, M_BUCKET,  # M_BUCKET: only the autotune key
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """out[M, N] = act(x[M, K] @ w[N, K]^T + bias[N]), float32 accumulation, one tile per program."""
+    # Grouped order: consecutive programs walk GROUP_M row blocks down one column block of w.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # Rows past M and columns past N wrap around: loaded without a mask, never stored.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # [BLOCK_M]
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # [BLOCK_N]
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y = _apply_act(acc, ACT)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]  # [BLOCK_M, BLOCK_N]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# ---------------------------------------------------------------- the two implementations
+
+
+def gemm_act_triton(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tensor:
+    """`trtllm::gemm_act` as one autotuned Triton GEMM with bias and activation in its epilogue.
+
+    out = act(x @ weight^T + bias), accumulated in float32 (float32 inputs in full IEEE
+    precision, no TF32), rounded once to x.dtype.
+    x: [..., K]; weight: [N, K]; bias: [N] or None. Returns [..., N], contiguous.
+    """
+    return _launch_gemm_act(x, weight, bias, act)
+
+
+def _launch_gemm_act(
+    x: Tensor, weight: Tensor, bias: Tensor | None, act: str, *, config: triton.Config | None = None
+) -> Tensor:
+    """gemm_act_triton; with `config`, that config instead of the autotuned one."""
+    n, k = weight.shape
+    m = math.prod(x.shape[:-1])
+    x2 = x.reshape(m, k)  # [M, K]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
+    if out.numel() == 0:
+        return out.view(*x.shape[:-1], n)
+    if config is None and triton.knobs.runtime.interpret:
+        # The autotuner would time every config, and the interpreter has no timer to do it with.
+        config = _DECODE_CONFIGS[0]
+    kernel, meta = (_gemm_act_kernel, {}) if config is None else (_gemm_act_kernel.fn, config.all_kwargs())
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    kernel[grid](
+        x2, weight, out if bias is None else bias.contiguous(), out,
+        m, n, k, _m_bucket(m),
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+        HAS_BIAS=bias is not None, ACT=act,
+        # Float32 in full precision as F.linear by default (no TF32); 16-bit inputs take the default.
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
+        **meta,
+    )
+    return out.view(*x.shape[:-1], n)
+
+
+def gemm_act_cublas(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tensor:
+    """`trtllm::gemm_act` as `F.linear` (cuBLAS on a GPU), then the activation in place.
+
+    The activation runs in float32 in `_act_kernel`, one pass over the output; none for "none".
+    x: [..., K]; weight: [N, K]; bias: [N] or None. Returns [..., N], contiguous.
+    """
+    y = F.linear(x, weight, bias).contiguous()  # [..., N]
+    if act != "none" and y.numel():
+        _act_kernel[(triton.cdiv(y.numel(), _ACT_BLOCK),)](y, y.numel(), ACT=act, BLOCK=_ACT_BLOCK)
+    return y
+
+
+# An unplanned CUDA call takes cuBLAS + act: it has no first-call autotuning (seconds per new
+# shape, and not allowed inside a CUDA-graph capture) and is never far from cuBLAS alone.
+# gemm_act_triton serves the shapes where a GemmActPlan measured it faster.
+_gemm_act_op.register_kernel("cuda")(gemm_act_cublas)
+
+# The implementations a plan chooses between, by the name its buckets record.
+_IMPLEMENTATIONS: dict[str, Callable[[Tensor, Tensor, Tensor | None, str], Tensor]] = {
+    "triton": gemm_act_triton,
+    "cublas": gemm_act_cublas,
+}
+
+
+# ---------------------------------------------------------------- build-time choice
+
+
+@dataclass(frozen=True)
+class GemmActBucket:
+    """Both implementations timed at one token count."""
+
+    num_tokens: int  # the M they were timed at
+    triton_ms: float  # median time of gemm_act_triton, milliseconds
+    cublas_ms: float  # median time of gemm_act_cublas, milliseconds
+
+    @property
+    def winner(self) -> str:
+        """The faster implementation, a key of _IMPLEMENTATIONS (cuBLAS on a tie)."""
+        return "triton" if self.triton_ms < self.cublas_ms else "cublas"
+
+
+@dataclass(frozen=True)
+class GemmActPlan:
+    """Which implementation serves one gemm_act shape, by token count.
+
+    A call with M tokens goes to the bucket measured nearest on a log scale: the boundary
+    between buckets measured at a and b is their geometric midpoint sqrt(a * b).
+    """
+
+    n: int  # weight rows (output features)
+    k: int  # weight columns (input features)
+    dtype: torch.dtype  # of x, weight and bias
+    act: str  # the epilogue activation, a key of ACTIVATIONS
+    has_bias: bool  # whether calls pass a bias
+    device: torch.device  # where the times were measured
+    buckets: tuple[GemmActBucket, ...]  # by increasing num_tokens, at least one
+
+    def __post_init__(self):
+        counts = [b.num_tokens for b in self.buckets]
+        if not counts or any(a >= b for a, b in zip(counts, counts[1:])):
+            raise ValueError(f"GemmActPlan: buckets must be non-empty with increasing num_tokens, got {counts}")
+
+    def _upper_bounds(self) -> list[int]:
+        """The largest M of every bucket but the last: floor(sqrt(a * b)), so M * M <= a * b."""
+        return [math.isqrt(a.num_tokens * b.num_tokens) for a, b in zip(self.buckets, self.buckets[1:])]
+
+    def bucket_for(self, num_tokens: int) -> GemmActBucket:
+        """The bucket whose winner serves a call with num_tokens rows."""
+        return self.buckets[bisect.bisect_left(self._upper_bounds(), num_tokens)]
+
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tensor:
+        """gemm_act_ref's contract, by the implementation that won x's token-count bucket."""
+        planned = (self.act, self.dtype, (self.n, self.k), self.has_bias)
+        if (act, x.dtype, tuple(weight.shape), bias is not None) != planned:
+            raise ValueError(
+                f"GemmActPlan: planned for act={self.act!r}, {self.dtype}, weight [{self.n}, {self.k}], "
+                f"bias={self.has_bias}; called with act={act!r}, {x.dtype}, weight {tuple(weight.shape)}, "
+                f"bias={bias is not None}: plan this shape separately"
+            )
+        num_tokens = math.prod(x.shape[:-1])
+        return _IMPLEMENTATIONS[self.bucket_for(num_tokens).winner](x, weight, bias, act)
+
+    def describe(self) -> str:
+        """A header line, then one line per bucket: its M range, both times and the winner."""
+        lines = [f"gemm_act n={self.n} k={self.k} {self.dtype} act={self.act} bias={self.has_bias} on {self.device}"]
+        bounds = self._upper_bounds()
+        for i, b in enumerate(self.buckets):
+            low = f"{bounds[i - 1]} < " if i > 0 else ""
+            high = f" <= {bounds[i]}" if i < len(bounds) else ""
+            lines.append(
+                f"  {low}M{high} (timed at {b.num_tokens}): triton {b.triton_ms:.4f} ms, "
+                f"cublas {b.cublas_ms:.4f} ms -> {b.winner}"
+            )
+        return "\n".join(lines)
+
+
+PLAN_TOKEN_COUNTS = (1, 16, 256, 4096)  # decode, small batch decode, short and long prefill
+
+
+def plan_gemm_act(
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    act: str,
+    has_bias: bool,
+    device: torch.device | str,
+    token_counts: Sequence[int] = PLAN_TOKEN_COUNTS,
+) -> GemmActPlan:
+    """Time gemm_act_triton and gemm_act_cublas at each token count on random inputs.
+
+    Each implementation runs once (compiling and autotuning) before it is timed; a time is
+    the median of `triton.testing.do_bench`, which flushes L2 before every run. CUDA only.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"plan_gemm_act: planning times CUDA kernels and cannot run on device {device}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"plan_gemm_act: act={act!r} is not one of {sorted(ACTIVATIONS)}")
+    counts = sorted(set(token_counts))
+    if not counts or counts[0] < 1:
+        raise ValueError(f"plan_gemm_act: token_counts must be positive and non-empty, got {tuple(token_counts)}")
+    g = torch.Generator(device=device).manual_seed(0)
+    weight = (torch.randn(n, k, generator=g, device=device) * k**-0.5).to(dtype)  # [N, K]
+    bias = torch.randn(n, generator=g, device=device).to(dtype) if has_bias else None  # [N]
+    buckets = []
+    for m in counts:
+        x = torch.randn(m, k, generator=g, device=device).to(dtype)  # [M, K]
+        times = {name: _median_ms(fn, x, weight, bias, act) for name, fn in _IMPLEMENTATIONS.items()}
+        buckets.append(GemmActBucket(m, triton_ms=times["triton"], cublas_ms=times["cublas"]))
+    return GemmActPlan(n, k, dtype, act, has_bias, device, tuple(buckets))
+
+
+def _median_ms(fn: Callable[..., Tensor], *args) -> float:
+    fn(*args)  # compile and autotune outside the timing
+    return float(triton.testing.do_bench(lambda: fn(*args), return_mode="median"))
+
+
+class GemmActPlanner:
+    """The plans of one build: each (n, k, dtype, act, has_bias, device) measured once."""
+
+    def __init__(self, token_counts: Sequence[int] = PLAN_TOKEN_COUNTS) -> None:
+        self.token_counts = tuple(token_counts)
+        self._plans: dict[tuple, GemmActPlan] = {}
+
+    def plan(
+        self, n: int, k: int, dtype: torch.dtype, act: str, has_bias: bool, device: torch.device | str
+    ) -> GemmActPlan:
+        """The plan of this shape, measured on the first request."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share plans
+        key = (n, k, dtype, act, has_bias, device)
+        if key not in self._plans:
+            self._plans[key] = plan_gemm_act(*key, token_counts=self.token_counts)
+        return self._plans[key]
+
+    def describe(self) -> str:
+        """Every plan made so far, one block each."""
+        return "\n".join(plan.describe() for plan in self._plans.values())
