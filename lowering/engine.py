@@ -39,7 +39,7 @@ class Engine:
         self.target = target
         self.input_names = [n.target for n in graph.nodes if n.op == "placeholder"]
         self.device, self.dtype = _device_and_dtype(weights)
-        self._module = _executable(graph, weights, target, registry or default_registry())
+        self._module = _executable(graph, weights, target, registry or default_registry(), self.device)
 
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
@@ -103,14 +103,16 @@ def _device_and_dtype(weights: dict[str, torch.Tensor]) -> tuple[torch.device, t
     return big.device, big.dtype
 
 
-def _executable(graph: Graph, weights: dict, target: str, registry: Registry) -> GraphModule:
+def _executable(graph: Graph, weights: dict, target: str, registry: Registry,
+                device: torch.device) -> GraphModule:
     """A GraphModule over a copy of `graph` with each trtllm op replaced by its chosen impl."""
     exec_graph = Graph()
     out = exec_graph.graph_copy(graph, {})
     exec_graph.output(out)
     for node in exec_graph.nodes:
         if node.op == "call_function" and getattr(node.target, "namespace", None) == "trtllm":
-            node.target = registry.choose(node, target).fn
+            impl = registry.choose(node, target, device.type)
+            node.target = impl.callable_for(node, weights)
     root = torch.nn.Module()
     for name, tensor in weights.items():
         owner = root

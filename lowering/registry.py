@@ -1,8 +1,10 @@
 """Implementations of the `trtllm::` ops, keyed by (op, target) (DESIGN.md §3, stage 3).
 
 A `Registry` is an ordinary object: `default_registry()` builds the one lowering uses, tests
-build their own. Where several implementations fit a node, lowering takes the first whose
-`supports(node)` holds; later issues add measured choice among them.
+build their own. Where several implementations fit a node, lowering takes the first that runs
+on the engine's device and whose `supports(node)` holds. An implementation with `bind` makes
+the node's callable at build time from the node and the weights: `gemm_act` times its two GPU
+implementations at the weight's shape there and keeps the faster one per token count.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ class Impl:
     name: str  # shown in logs and reports, e.g. "torch-reference"
     fn: Callable  # called in place of the op with the node's arguments
     supports: Callable[[Node], bool] = lambda node: True  # whether it can run this node
+    devices: tuple[str, ...] = ("cpu", "cuda")  # device types it runs on
+    # (node, weights by get_attr target) -> the callable for this node; None: fn as it is
+    bind: Callable[[Node, dict[str, torch.Tensor]], Callable] | None = None
+
+    def callable_for(self, node: Node, weights: dict[str, torch.Tensor]) -> Callable:
+        return self.fn if self.bind is None else self.bind(node, weights)
 
 
 @dataclass
@@ -34,12 +42,13 @@ class Registry:
             raise LoweringError(f"unknown lowering target {target!r}; known: {', '.join(TARGETS)}")
         self.impls.setdefault((op, target), []).append(impl)
 
-    def choose(self, node: Node, target: str) -> Impl:
+    def choose(self, node: Node, target: str, device: str = "cpu") -> Impl:
+        """The first implementation for `device` (a device type) that supports the node."""
         for impl in self.impls.get((node.target, target), []):
-            if impl.supports(node):
+            if device in impl.devices and impl.supports(node):
                 return impl
         raise LoweringError(
-            f"no {target} implementation of {node.target} fits node {node.name} "
+            f"no {target} implementation of {node.target} on {device} fits node {node.name} "
             f"({node.format_node()}); registered: {[i.name for i in self.impls.get((node.target, target), [])]}"
         )
 
@@ -57,9 +66,47 @@ def _is_op(ns, name: str) -> bool:
 
 
 def default_registry() -> Registry:
-    """Native target: each op's own dispatch (its torch reference on CPU and, until the
-    Triton kernels land, on CUDA too)."""
+    """Native target: on CUDA each op's Triton kernel, called directly (no dispatcher on the
+    way); everywhere else the op itself, which runs its torch reference."""
     registry = Registry()
+    cuda = _cuda_impls()
     for op in trtllm_ops():
+        if op in cuda:
+            registry.register(op, "native", cuda[op])
         registry.register(op, "native", Impl("torch-reference", op))
     return registry
+
+
+def _cuda_impls() -> dict:
+    """The GPU implementation of each op that has one. Each falls back to the op's reference
+    for inputs its kernel does not take (float64, head dims over 256)."""
+    from trtllm.kernels import activation, attention, gemm, norm, rope
+
+    ops = torch.ops.trtllm
+    kernels = {
+        ops.attention.default: attention._attention_cuda,
+        ops.cached_attention.default: attention._cached_attention_cuda,
+        ops.rmsnorm.default: norm.rmsnorm_triton,
+        ops.add_rmsnorm.default: norm.add_rmsnorm_triton,
+        ops.gemma_rmsnorm.default: norm.gemma_rmsnorm_triton,
+        ops.layernorm.default: norm.layernorm_triton,
+        ops.rope.default: rope.rope_triton,
+        ops.silu_mul.default: activation.silu_mul_triton,
+        ops.gelu_mul.default: activation.gelu_mul_triton,
+    }
+    impls = {op: Impl("triton", fn, devices=("cuda",)) for op, fn in kernels.items()}
+    planner = gemm.GemmActPlanner()
+    impls[ops.gemm_act.default] = Impl(
+        "gemm_act, triton or cuBLAS by measurement", gemm.gemm_act_cublas, devices=("cuda",),
+        bind=lambda node, weights: _plan_gemm_act(planner, node, weights),
+    )
+    return impls
+
+
+def _plan_gemm_act(planner, node: Node, weights: dict[str, torch.Tensor]) -> Callable:
+    """The measured plan for this node's weight shape, dtype, activation and bias."""
+    x, weight, bias, act = node.args
+    if not isinstance(weight, Node) or weight.op != "get_attr":
+        raise LoweringError(f"gemm_act node {node.name}: its weight is not a graph constant")
+    w = weights[weight.target]
+    return planner.plan(*w.shape, w.dtype, act, bias is not None, w.device)

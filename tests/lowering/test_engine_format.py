@@ -70,6 +70,22 @@ def test_registry_chooses_the_first_implementation_that_fits():
     assert {op} <= {o for o, _ in default_registry().impls}
 
 
+def test_registry_chooses_by_device():
+    """On CUDA every op runs its Triton kernel (gemm_act a measured plan); on CPU the op's own
+    dispatch (its torch reference)."""
+    from trtllm.lowering.registry import trtllm_ops
+
+    registry = default_registry()
+    graph = Graph()
+    for op in trtllm_ops():
+        node = graph.call_function(op, ())
+        assert registry.choose(node, "native", "cpu").fn is op
+        cuda = registry.choose(node, "native", "cuda")
+        assert cuda.name != "torch-reference" and cuda.devices == ("cuda",), op
+    gemm_act = registry.choose(graph.call_function(torch.ops.trtllm.gemm_act.default, ()), "native", "cuda")
+    assert gemm_act.bind is not None  # planned per node at build time
+
+
 def test_alias_of_shared_storage_round_trips(tmp_path):
     from trtllm.lowering.engine import _dedup
 
