@@ -5,12 +5,18 @@ The references are the Hugging Face eager formulas written out step by step, cas
 so that they reproduce `LlamaRMSNorm` and `GemmaRMSNorm` bit for bit: Llama rounds the
 normalized value to x.dtype before scaling by the weight, Gemma scales by (1 + w) in float32
 and rounds once at the end.
+
+On CUDA tensors the ops run Triton kernels (`*_triton`, registered as the ops' CUDA kernels):
+one program normalizes one row (or up to 16 narrow rows) held whole in registers, computing in
+float32 and rounding where the references round.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import Tensor
 
 # ---------------------------------------------------------------- trtllm::rmsnorm
@@ -42,6 +48,51 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """
     _check_norm_args("rmsnorm", x, weight)
     return torch.ops.trtllm.rmsnorm(x, weight, float(eps))
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr, residual_ptr, s_ptr, weight_ptr, y_ptr,  # x, residual: [M, H] rows; the rest dense
+    num_rows, hidden, stride_x, stride_residual, eps,
+    HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """ROWS rows of y = rmsnorm(x [+ residual]) per program, the whole row in registers.
+
+    Llama: y = (h * rstd).to(x.dtype) * w;  Gemma (GEMMA): y = h * rstd * (1 + w);  with
+    rstd = rsqrt(mean(h^2) + eps) and h = x.float(), or with a residual
+    h = s.float() where s = (x + residual).to(s.dtype) is stored too.
+    """
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    cols = tl.arange(0, BLOCK)  # [BLOCK]
+    col_ok = cols < hidden
+    mask = (rows[:, None] < num_rows) & col_ok[None, :]  # [ROWS, BLOCK]
+    dense = rows[:, None] * hidden + cols[None, :]  # [ROWS, BLOCK] offsets into s and y
+    h = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    h = h.to(tl.float32)
+    norm_dtype = x_ptr.dtype.element_ty  # the dtype of the tensor being normalized
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + rows[:, None] * stride_residual + cols[None, :],
+                           mask=mask, other=0.0)
+        norm_dtype = s_ptr.dtype.element_ty
+        s = (h + residual.to(tl.float32)).to(norm_dtype)  # rounded like eager x + residual
+        tl.store(s_ptr + dense, s, mask=mask)
+        h = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(h * h, axis=1) / hidden + eps)  # [ROWS]
+    w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK]
+    if GEMMA:
+        y = h * rstd[:, None] * (1.0 + w[None, :])
+    else:
+        y = (h * rstd[:, None]).to(norm_dtype).to(tl.float32) * w[None, :]
+    tl.store(y_ptr + dense, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_rmsnorm_op.register_kernel("cuda")
+def rmsnorm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Triton `trtllm::rmsnorm`, the op's CUDA kernel; same contract as `rmsnorm_ref`."""
+    y_dtype = torch.promote_types(weight.dtype, x.dtype)
+    if not _triton_dtypes(x.dtype, weight.dtype, y_dtype):
+        return rmsnorm_ref(x, weight, eps)
+    return _launch_rmsnorm(x, None, weight, eps, y_dtype, gemma=False)[0]
 
 
 # ---------------------------------------------------------------- trtllm::add_rmsnorm
@@ -84,6 +135,18 @@ def add_rmsnorm(
     return torch.ops.trtllm.add_rmsnorm(x, residual, weight, float(eps))
 
 
+@_add_rmsnorm_op.register_kernel("cuda")
+def add_rmsnorm_triton(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Triton `trtllm::add_rmsnorm`, the op's CUDA kernel; same contract as `add_rmsnorm_ref`."""
+    s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    y_dtype = torch.promote_types(weight.dtype, s_dtype)
+    if not _triton_dtypes(x.dtype, residual.dtype, weight.dtype, y_dtype):
+        return add_rmsnorm_ref(x, residual, weight, eps)
+    return _launch_rmsnorm(x, residual, weight, eps, y_dtype, gemma=False)
+
+
 # ---------------------------------------------------------------- trtllm::gemma_rmsnorm
 
 
@@ -116,6 +179,43 @@ def gemma_rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return torch.ops.trtllm.gemma_rmsnorm(x, weight, float(eps))
 
 
+@_gemma_rmsnorm_op.register_kernel("cuda")
+def gemma_rmsnorm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Triton `trtllm::gemma_rmsnorm`, the op's CUDA kernel; same contract as
+    `gemma_rmsnorm_ref`."""
+    if not _triton_dtypes(x.dtype, weight.dtype):
+        return gemma_rmsnorm_ref(x, weight, eps)
+    return _launch_rmsnorm(x, None, weight, eps, x.dtype, gemma=True)[0]
+
+
+def _launch_rmsnorm(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, y_dtype: torch.dtype,
+    gemma: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(y, s) of `_rmsnorm_kernel`; s = x + residual, None without a residual."""
+    hidden = x.shape[-1]
+    x_rows = _rows(x)  # [M, H]
+    residual_rows = None if residual is None else _rows(residual)  # [M, H]
+    y = torch.empty(x.shape, dtype=y_dtype, device=x.device)  # [..., H]
+    s = None
+    if residual is not None:
+        s = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype),
+                        device=x.device)  # [..., H]
+    num_rows = x_rows.shape[0]
+    if num_rows == 0:
+        return y, s
+    rows_per_program, block, num_warps = _row_tiling(hidden)
+    grid = (triton.cdiv(num_rows, rows_per_program),)
+    _rmsnorm_kernel[grid](
+        x_rows, residual_rows, s, weight.contiguous(), y,
+        num_rows, hidden, x_rows.stride(0),
+        0 if residual_rows is None else residual_rows.stride(0), eps,
+        HAS_RESIDUAL=residual is not None, GEMMA=gemma, ROWS=rows_per_program, BLOCK=block,
+        num_warps=num_warps,
+    )
+    return y, s
+
+
 # ---------------------------------------------------------------- trtllm::layernorm
 
 
@@ -142,6 +242,90 @@ def layernorm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float)
     """
     _check_norm_args("layernorm", x, weight, bias)
     return torch.ops.trtllm.layernorm(x, weight, bias, float(eps))
+
+
+@triton.jit
+def _layernorm_kernel(
+    x_ptr, weight_ptr, bias_ptr, y_ptr,  # x: [M, H] rows; y dense; weight, bias: [H]
+    num_rows, hidden, stride_x, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """ROWS rows of y = (x - mean) * rsqrt(var + eps) [* w] [+ b] per program, in float32."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    cols = tl.arange(0, BLOCK)  # [BLOCK]
+    col_ok = cols < hidden
+    mask = (rows[:, None] < num_rows) & col_ok[None, :]  # [ROWS, BLOCK]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    mean = tl.sum(x, axis=1) / hidden  # [ROWS]
+    centered = tl.where(mask, x - mean[:, None], 0.0)  # [ROWS, BLOCK]
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / hidden + eps)  # [ROWS]
+    y = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * hidden + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@_layernorm_op.register_kernel("cuda")
+def layernorm_triton(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """Triton `trtllm::layernorm`, the op's CUDA kernel; same contract as `layernorm_ref`."""
+    if not _triton_dtypes(x.dtype, *(p.dtype for p in (weight, bias) if p is not None)):
+        return layernorm_ref(x, weight, bias, eps)
+    hidden = x.shape[-1]
+    x_rows = _rows(x)  # [M, H]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [..., H]
+    num_rows = x_rows.shape[0]
+    if num_rows == 0:
+        return y
+    rows_per_program, block, num_warps = _row_tiling(hidden)
+    _layernorm_kernel[(triton.cdiv(num_rows, rows_per_program),)](
+        x_rows, _dense_or_none(weight), _dense_or_none(bias), y,
+        num_rows, hidden, x_rows.stride(0), eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROWS=rows_per_program,
+        BLOCK=block, num_warps=num_warps,
+    )
+    return y
+
+
+# ---------------------------------------------------------------- shared
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_dtypes(*dtypes: torch.dtype) -> bool:
+    """The kernels compute in float32, so they serve 32- and 16-bit floats; float64 (and float8)
+    inputs run the torch reference instead."""
+    return all(dtype in _TRITON_DTYPES for dtype in dtypes)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x [..., H] as rows [M, H] with unit stride along H, a view when the layout allows."""
+    rows = x.reshape(-1, x.shape[-1])  # [M, H]
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _dense_or_none(param: Tensor | None) -> Tensor | None:
+    return None if param is None else param.contiguous()
+
+
+def _row_tiling(hidden: int) -> tuple[int, int, int]:
+    """(rows per program, BLOCK, num_warps) for a norm over rows of `hidden` elements.
+
+    The whole row sits in registers (BLOCK = next power of 2 >= H); narrow rows (per-head
+    q/k norms) are stacked up to 2048 elements a program, and warps grow with the tile so
+    each thread holds a few 16-byte vectors.
+    """
+    block = triton.next_power_of_2(hidden)
+    rows_per_program = max(1, min(16, 2048 // block))
+    tile = rows_per_program * block
+    num_warps = 4 if tile < 2048 else 8 if tile < 8192 else 16
+    return rows_per_program, block, num_warps
 
 
 def _check_norm_args(op: str, x: Tensor, *params: Tensor | None) -> None:
