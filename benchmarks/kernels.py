@@ -133,6 +133,32 @@ def prefill_attention(seq_len: int = 4096, heads: int = 32, head_dim: int = 128)
     return [row("prefill attention", shape, ms, base, "SDPA", flops, "TFLOP/s", sdpa["rate"], 1.0)]
 
 
+PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
+                   (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)]  # (BLOCK_M, BLOCK_N, warps, stages)
+
+
+def prefill_sweep(seq_len: int = 4096, heads: int = 32, head_dim: int = 128):
+    """The prefill kernel's time under each tile config, to pick `_prefill_config`'s."""
+    q, k, v = (torch.randn(1, seq_len, heads, head_dim, device="cuda", dtype=DTYPE) for _ in range(3))
+    out = torch.empty_like(q)
+    cu = torch.tensor([0, seq_len], device="cuda", dtype=torch.int32)
+    lens = torch.tensor([seq_len], device="cuda", dtype=torch.int32)
+    flops = 4 * seq_len * seq_len * head_dim * heads / 2
+    rows = []
+    for config in PREFILL_CONFIGS:
+        def call(config=config):
+            return lambda: attn_triton._prefill(
+                q, k, v, out, cu, lens, None, None, 1, seq_len, batched=True, scale=head_dim**-0.5,
+                causal=True, sliding_window=-1, softcap=0.0, skip_decodes=False, config=config)
+        try:
+            ms = bench_ms(call, 1)
+        except Exception as e:  # a config that does not compile (shared memory): report, go on
+            print(f"prefill config {config}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        rows.append(row("prefill sweep", f"{config}", ms, ms, "-", flops, "TFLOP/s", 1.0))
+    return rows
+
+
 def decode_attention(bw_gbs: float, batch: int = 64, ctx: int = 4096, heads=(32, 8), head_dim=128,
                      block_size: int = 32):
     num_heads, num_kv_heads = heads
@@ -149,9 +175,9 @@ def decode_attention(bw_gbs: float, batch: int = 64, ctx: int = 4096, heads=(32,
     ms = bench_ms(lambda: lambda: attn_triton.cached_attention_triton(
         q, k, k, cache, cu, lens, tables, slots, 0, head_dim**-0.5, True, -1, 0.0), work)
     # Baseline: SDPA over the same context stored contiguously (no paging), GQA expanded.
-    kc = torch.randn(batch, num_kv_heads, ctx, head_dim, device="cuda", dtype=DTYPE)
+    kc, vc = (torch.randn(batch, num_kv_heads, ctx, head_dim, device="cuda", dtype=DTYPE) for _ in range(2))
     qc = q[:, :, None]  # [B, H, 1, D]
-    base = bench_ms(lambda: lambda: F.scaled_dot_product_attention(qc, kc, kc, enable_gqa=True), work)
+    base = bench_ms(lambda: lambda: F.scaled_dot_product_attention(qc, kc, vc, enable_gqa=True), work)
     shape = f"B={batch}, ctx={ctx}, H={num_heads}/{num_kv_heads}, D={head_dim}, paged bs={block_size}"
     return [row("decode attention", shape, ms, base, "SDPA (contiguous KV)", work, "GB/s", bw_gbs, 0.80)]
 
@@ -237,6 +263,8 @@ def main():
         rows += memory_bound(bw)
     if "attention" in only:
         rows += prefill_attention() + decode_attention(bw)
+    if "sweep" in only:
+        rows += prefill_sweep()
     if "gemm" in only:
         gemm_rows, planner = gemm_act_rows(tflops)
         rows += gemm_rows

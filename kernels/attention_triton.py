@@ -96,8 +96,9 @@ def _scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.conste
 def _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION: tl.constexpr):
     """Fold one block of logits s [M, N] (log2 units) and values v [N, D] into the running
     max m_i [M], sum l_i [M] and output acc [M, D]. Masked entries contribute nothing; a row
-    with nothing visible yet keeps m_i = -inf without producing NaN."""
-    s = tl.where(visible, s, float("-inf"))
+    with nothing visible yet keeps m_i = -inf without producing NaN. visible=None: all are."""
+    if visible is not None:
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)  # [M]; exp2(-inf) = 0 for rows starting out
@@ -114,23 +115,34 @@ def _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION: tl.constexpr):
 def _attend_new_keys(
     acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_vt, start, end, q_len,
     qk_scale, softcap, window, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Fold keys j in [start, end) of this step's tokens (j < q_len) into the softmax of the
-    queries offs_m; CAUSAL masks j > i, WINDOW masks i - j >= window."""
+    """Fold keys j in [start, end) of this step's tokens into the softmax of the queries
+    offs_m. MASKED: j may reach q_len, and CAUSAL masks j > i; unmasked blocks (all j < q_len
+    and below the block's first query) skip every mask but the window's."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for j0 in range(start, end, BLOCK_N):
         j = j0 + offs_n  # [N]
-        kv_mask = (j < q_len)[:, None] & (offs_d < D)[None, :]
-        k = tl.load(k_base + j[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k_ptrs = k_base + j[:, None] * stride_kt + offs_d[None, :]  # [N, D]
+        v_ptrs = v_base + j[:, None] * stride_vt + offs_d[None, :]
+        if MASKED or D != BLOCK_D:
+            kv_mask = (j < q_len)[:, None] & (offs_d < D)[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         s = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
-        visible = (j < q_len)[None, :]
-        if CAUSAL:
-            visible = visible & (j[None, :] <= offs_m[:, None])
+        visible = None
+        if MASKED:
+            visible = (j < q_len)[None, :]
+            if CAUSAL:
+                visible = visible & (j[None, :] <= offs_m[:, None])
         if WINDOW:
-            visible = visible & (offs_m[:, None] - j[None, :] < window)
+            in_window = offs_m[:, None] - j[None, :] < window
+            visible = in_window if visible is None else visible & in_window
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION)
     return acc, l_i, m_i
 
@@ -164,6 +176,8 @@ def _prefill_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if CAUSAL:
+        pid = tl.num_programs(0) - 1 - pid  # late query blocks have the most keys: start them first
     h = tl.program_id(1)
     kvh = h // GROUP
     b = _find_sequence(cu_ptr, num_seqs, pid, BLOCK_M)
@@ -218,12 +232,13 @@ def _prefill_kernel(
     if CAUSAL:
         acc, l_i, m_i = _attend_new_keys(
             acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_vt, j_lo, m0, q_len,
-            qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, False, WINDOW, SOFTCAP, PRECISION)
+            qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, False, False, WINDOW, SOFTCAP,
+            PRECISION)
         j_lo = m0
     acc, l_i, m_i = _attend_new_keys(
         acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_vt, j_lo,
         tl.minimum(m0 + BLOCK_M, q_len) if CAUSAL else q_len, q_len,
-        qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PRECISION)
+        qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PRECISION)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(
@@ -371,11 +386,12 @@ def _decode_splits(num_seqs: int, num_kv_heads: int, max_ctx: int, device: torch
 
 
 def _prefill(q, k, v, out, cu, kv_lens, cache, tables, num_seqs, max_q_len, *, batched, scale,
-             causal, sliding_window, softcap, skip_decodes):
-    """Launch `_prefill_kernel`; q, k, v, out are [T, H, D] (varlen) or [B, S, H, D]."""
+             causal, sliding_window, softcap, skip_decodes, config=None):
+    """Launch `_prefill_kernel`; q, k, v, out are [T, H, D] (varlen) or [B, S, H, D].
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of `_prefill_config`'s."""
     head_dim = q.shape[-1]
     num_heads, num_kv_heads = q.shape[-2], k.shape[-2]
-    block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, max_q_len)
+    block_m, block_n, num_warps, num_stages = config or _prefill_config(head_dim, max_q_len)
     num_tokens = q.shape[0] * q.shape[1] if batched else q.shape[0]
     grid = (num_tokens // block_m + num_seqs, num_heads)
 

@@ -1,10 +1,12 @@
 """`rope_triton` (the CUDA kernel of `trtllm::rope`) against `rope_ref`.
 
 On CPU it runs through Triton's interpreter (tests/conftest.py) on tiny shapes in float32 and
-float16; the GPU tests use Llama-8B-sized q/k in bfloat16 and float16. Tolerance: none. The
-kernel rounds each product and the sum to the promoted dtype as eager does, and with cos/sin in
-q's dtype (as HF hands them over) a 16-bit product is exact in float32, so the results are
-bit-equal to the reference.
+float16; the GPU tests use Llama-8B-sized q/k in bfloat16 and float16. The kernel rounds each
+product and the sum to the promoted dtype as eager does, and with cos/sin in q's dtype (as HF
+hands them over) a 16-bit product is exact in float32, so through the interpreter the results
+are bit-equal to the reference (tolerance: none). On the H100 about a quarter of the bf16
+elements came out 1 ulp away (2026-11-24): the compiler drops some of the intermediate
+roundings; the GPU tests allow 1 ulp of the operands.
 """
 
 import pytest
@@ -38,12 +40,17 @@ def cos_sin(rot, dtype, interleaved, batch=B, seq_len=S, device="cpu"):
     return freqs.cos().to(dtype).to(device), freqs.sin().to(dtype).to(device)
 
 
+# GPU: 1 ulp of operands of magnitude up to ~8 (q * 2, |cos| <= 1): 2^-7 * 8 for bf16.
+GPU_TOL = {torch.bfloat16: dict(atol=2**-4, rtol=2**-7), torch.float16: dict(atol=2**-7, rtol=2**-10)}
+
+
 def assert_same_new(actual, expected, *inputs):
-    """Bit-equal, and new contiguous tensors of the reference's dtype."""
+    """Bit-equal (within 1 ulp on the GPU), and new contiguous tensors of the reference's dtype."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     assert actual.is_contiguous()
     assert actual.data_ptr() not in {t.data_ptr() for t in inputs}
-    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    tol = GPU_TOL[actual.dtype] if actual.is_cuda else dict(atol=0, rtol=0)
+    torch.testing.assert_close(actual, expected, **tol)
 
 
 def check(q, k, cos, sin, interleaved):
