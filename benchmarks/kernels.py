@@ -202,8 +202,13 @@ def gemm_act_rows(tflops: float, token_counts=(1, 16, 256, 4096), activation: st
             work = (n * k + t * k + t * n) * 2
 
             cublas = bench_ms(gemm_call(lambda x, w, b, a: F.linear(x, w), t, n, k, activation), work)
-            for label, fn in [("gemm_act triton", gemm.gemm_act_triton),
-                              ("gemm_act cuBLAS+act", gemm.gemm_act_cublas), ("gemm_act chosen", plan)]:
+            zero_bias = torch.zeros(n, device="cuda", dtype=DTYPE)
+            impls = [("gemm_act triton", gemm.gemm_act_triton), ("gemm_act cuBLAS+act", gemm.gemm_act_cublas),
+                     ("gemm_act chosen", plan)]
+            if activation in gemm.LT_EPILOGUES:
+                impls.insert(2, ("gemm_act cuBLASLt epilogue",
+                                 lambda x, w, b, a, zero_bias=zero_bias: gemm.gemm_act_cublaslt(x, w, zero_bias, a)))
+            for label, fn in impls:
                 ms = bench_ms(gemm_call(fn, t, n, k, activation), work)
                 rows.append(row(label, f"{name} T={t} N={n} K={k}", ms, cublas, "cuBLAS GEMM alone",
                                 2 * t * n * k, "TFLOP/s", tflops, None if label != "gemm_act chosen" else 1 / 1.05))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -267,11 +267,30 @@ def gemm_act_cublas(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) ->
 # gemm_act_triton serves the shapes where a GemmActPlan measured it faster.
 _gemm_act_op.register_kernel("cuda")(gemm_act_cublas)
 
-# The implementations a plan chooses between, by the name its buckets record.
+LT_EPILOGUES = ("relu", "gelu_tanh")  # the activations cuBLASLt applies in its epilogue
+
+
+def gemm_act_cublaslt(x: Tensor, weight: Tensor, bias: Tensor, act: str) -> Tensor:
+    """`trtllm::gemm_act` for act in LT_EPILOGUES as one cuBLASLt GEMM with the bias and the
+    activation in its epilogue (`torch._addmm_activation`); the bias is required here (the
+    plan passes zeros where the node has none). x: [..., K]; weight: [N, K]; bias: [N]."""
+    n, k = weight.shape
+    y = torch._addmm_activation(bias, x.reshape(-1, k), weight.t(),
+                                use_gelu=act == "gelu_tanh")  # [M, N]
+    return y.view(*x.shape[:-1], n)
+
+
+# The implementations a plan chooses between, by the name its buckets record; on a tie the
+# earlier one wins.
 _IMPLEMENTATIONS: dict[str, Callable[[Tensor, Tensor, Tensor | None, str], Tensor]] = {
-    "triton": gemm_act_triton,
+    "cublaslt": gemm_act_cublaslt,
     "cublas": gemm_act_cublas,
+    "triton": gemm_act_triton,
 }
+
+
+def _candidates(act: str) -> list[str]:
+    return [name for name in _IMPLEMENTATIONS if name != "cublaslt" or act in LT_EPILOGUES]
 
 
 # ---------------------------------------------------------------- build-time choice
@@ -279,16 +298,16 @@ _IMPLEMENTATIONS: dict[str, Callable[[Tensor, Tensor, Tensor | None, str], Tenso
 
 @dataclass(frozen=True)
 class GemmActBucket:
-    """Both implementations timed at one token count."""
+    """The candidate implementations timed at one token count."""
 
     num_tokens: int  # the M they were timed at
-    triton_ms: float  # median time of gemm_act_triton, milliseconds
-    cublas_ms: float  # median time of gemm_act_cublas, milliseconds
+    times_ms: tuple[tuple[str, float], ...]  # (a key of _IMPLEMENTATIONS, median ms) each
 
     @property
     def winner(self) -> str:
-        """The faster implementation, a key of _IMPLEMENTATIONS (cuBLAS on a tie)."""
-        return "triton" if self.triton_ms < self.cublas_ms else "cublas"
+        """The fastest implementation; on a tie the one listed first in _IMPLEMENTATIONS."""
+        order = list(_IMPLEMENTATIONS)
+        return min(self.times_ms, key=lambda nt: (nt[1], order.index(nt[0])))[0]
 
 
 @dataclass(frozen=True)
@@ -306,6 +325,8 @@ class GemmActPlan:
     has_bias: bool  # whether calls pass a bias
     device: torch.device  # where the times were measured
     buckets: tuple[GemmActBucket, ...]  # by increasing num_tokens, at least one
+    # [N] zeros on `device`: the bias cuBLASLt's epilogue adds where calls pass none
+    zero_bias: Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         counts = [b.num_tokens for b in self.buckets]
@@ -329,8 +350,10 @@ class GemmActPlan:
                 f"bias={self.has_bias}; called with act={act!r}, {x.dtype}, weight {tuple(weight.shape)}, "
                 f"bias={bias is not None}: plan this shape separately"
             )
-        num_tokens = math.prod(x.shape[:-1])
-        return _IMPLEMENTATIONS[self.bucket_for(num_tokens).winner](x, weight, bias, act)
+        winner = self.bucket_for(math.prod(x.shape[:-1])).winner
+        if bias is None and winner == "cublaslt":
+            bias = self.zero_bias if self.zero_bias is not None else x.new_zeros(self.n)
+        return _IMPLEMENTATIONS[winner](x, weight, bias, act)
 
     def describe(self) -> str:
         """A header line, then one line per bucket: its M range, both times and the winner."""
@@ -339,10 +362,8 @@ class GemmActPlan:
         for i, b in enumerate(self.buckets):
             low = f"{bounds[i - 1]} < " if i > 0 else ""
             high = f" <= {bounds[i]}" if i < len(bounds) else ""
-            lines.append(
-                f"  {low}M{high} (timed at {b.num_tokens}): triton {b.triton_ms:.4f} ms, "
-                f"cublas {b.cublas_ms:.4f} ms -> {b.winner}"
-            )
+            times = ", ".join(f"{name} {ms:.4f} ms" for name, ms in b.times_ms)
+            lines.append(f"  {low}M{high} (timed at {b.num_tokens}): {times} -> {b.winner}")
         return "\n".join(lines)
 
 
@@ -358,10 +379,12 @@ def plan_gemm_act(
     device: torch.device | str,
     token_counts: Sequence[int] = PLAN_TOKEN_COUNTS,
 ) -> GemmActPlan:
-    """Time gemm_act_triton and gemm_act_cublas at each token count on random inputs.
+    """Time the candidate implementations (gemm_act_cublaslt where the activation is one of
+    LT_EPILOGUES, gemm_act_cublas, gemm_act_triton) at each token count on random inputs.
 
     Each implementation runs once (compiling and autotuning) before it is timed; a time is
-    the median of `triton.testing.do_bench`, which flushes L2 before every run. CUDA only.
+    the median of CUDA-graph replays (`triton.testing.do_bench_cudagraph`): decode steps run
+    in CUDA graphs, where host launch overhead is gone and only the kernels count. CUDA only.
     """
     device = torch.device(device)
     if device.type != "cuda":
@@ -374,17 +397,24 @@ def plan_gemm_act(
     g = torch.Generator(device=device).manual_seed(0)
     weight = (torch.randn(n, k, generator=g, device=device) * k**-0.5).to(dtype)  # [N, K]
     bias = torch.randn(n, generator=g, device=device).to(dtype) if has_bias else None  # [N]
+    lt_bias = bias if has_bias else torch.zeros(n, dtype=dtype, device=device)  # [N]
     buckets = []
     for m in counts:
         x = torch.randn(m, k, generator=g, device=device).to(dtype)  # [M, K]
-        times = {name: _median_ms(fn, x, weight, bias, act) for name, fn in _IMPLEMENTATIONS.items()}
-        buckets.append(GemmActBucket(m, triton_ms=times["triton"], cublas_ms=times["cublas"]))
-    return GemmActPlan(n, k, dtype, act, has_bias, device, tuple(buckets))
+        times = tuple(
+            (name, _median_ms(_IMPLEMENTATIONS[name], x, weight,
+                              lt_bias if name == "cublaslt" else bias, act))
+            for name in _candidates(act)
+        )
+        buckets.append(GemmActBucket(m, times))
+    return GemmActPlan(n, k, dtype, act, has_bias, device, tuple(buckets),
+                       zero_bias=None if has_bias else lt_bias)
 
 
 def _median_ms(fn: Callable[..., Tensor], *args) -> float:
     fn(*args)  # compile and autotune outside the timing
-    return float(triton.testing.do_bench(lambda: fn(*args), return_mode="median"))
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(lambda: fn(*args), return_mode="median"))
 
 
 class GemmActPlanner:

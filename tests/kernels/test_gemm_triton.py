@@ -96,10 +96,10 @@ def test_m_bucket_and_config_pruning():
 
 def make_plan(act="silu", has_bias=True, dtype=torch.float32):
     buckets = (
-        G.GemmActBucket(1, triton_ms=1.0, cublas_ms=2.0),
-        G.GemmActBucket(16, triton_ms=2.0, cublas_ms=1.0),
-        G.GemmActBucket(256, triton_ms=1.0, cublas_ms=2.0),
-        G.GemmActBucket(4096, triton_ms=2.0, cublas_ms=2.0),  # a tie goes to cuBLAS
+        G.GemmActBucket(1, (("cublas", 2.0), ("triton", 1.0))),
+        G.GemmActBucket(16, (("cublas", 1.0), ("triton", 2.0))),
+        G.GemmActBucket(256, (("cublas", 2.0), ("triton", 1.0))),
+        G.GemmActBucket(4096, (("cublas", 2.0), ("triton", 2.0))),  # a tie goes to cuBLAS
     )
     return G.GemmActPlan(40, 48, dtype, act, has_bias, torch.device("cuda", 0), buckets)
 
@@ -140,13 +140,13 @@ def test_plan_rejects_another_shape(change):
 def test_plan_describe():
     lines = make_plan().describe().splitlines()
     assert lines[0] == "gemm_act n=40 k=48 torch.float32 act=silu bias=True on cuda:0"
-    assert lines[1] == "  M <= 4 (timed at 1): triton 1.0000 ms, cublas 2.0000 ms -> triton"
+    assert lines[1] == "  M <= 4 (timed at 1): cublas 2.0000 ms, triton 1.0000 ms -> triton"
     assert lines[2].startswith("  4 < M <= 64 (timed at 16):") and lines[2].endswith("-> cublas")
     assert lines[4].startswith("  1024 < M (timed at 4096):")
 
 
 def test_plan_rejects_unordered_buckets():
-    bucket = G.GemmActBucket(16, 1.0, 2.0)
+    bucket = G.GemmActBucket(16, (("cublas", 1.0),))
     with pytest.raises(ValueError, match="increasing num_tokens"):
         G.GemmActPlan(40, 48, torch.float32, "silu", True, torch.device("cuda"), (bucket, bucket))
 
@@ -205,8 +205,34 @@ def test_registered_cuda_kernel_matches_ref():
 def test_plan_on_gpu_matches_ref():
     plan = G.plan_gemm_act(4096, 4096, torch.bfloat16, "gelu_tanh", True, "cuda", token_counts=(1, 256))
     assert [b.num_tokens for b in plan.buckets] == [1, 256]
-    assert all(b.triton_ms > 0 and b.cublas_ms > 0 for b in plan.buckets)
+    assert all(dict(b.times_ms).keys() == {"cublaslt", "cublas", "triton"} for b in plan.buckets)
+    assert all(ms > 0 for b in plan.buckets for _, ms in b.times_ms)
     assert len(plan.describe().splitlines()) == 3
     for m in (1, 7, 300):
         x, weight, b = gemm_inputs(torch.bfloat16, (m,), 4096, 4096, device="cuda")
         assert relative_error(plan(x, weight, b, "gelu_tanh"), G.gemm_act_ref(x, weight, b, "gelu_tanh")) < 1e-2
+
+
+def test_cublaslt_epilogue_relu_matches_ref():
+    """torch._addmm_activation (cuBLASLt's bias + activation epilogue on a GPU). On CPU its
+    gelu is the erf one, so only relu is checked here; gelu_tanh is checked on the GPU."""
+    x, weight, b = gemm_inputs(torch.float32, (2, 5), 48, 40)
+    assert_close_to_ref(G.gemm_act_cublaslt(x, weight, b, "relu"), x, weight, b, "relu")
+
+
+@pytest.mark.gpu
+def test_cublaslt_epilogue_gelu_is_the_tanh_one():
+    x, weight, b = gemm_inputs(torch.float32, (64,), 256, 512, device="cuda")
+    x = x * 3  # pre-activations of a few units, where the two gelus differ by ~1e-3
+    out = G.gemm_act_cublaslt(x, weight, b, "gelu_tanh")
+    tanh_err = (out - G.gemm_act_ref(x, weight, b, "gelu_tanh")).abs().max().item()
+    erf_err = (out - G.gemm_act_ref(x, weight, b, "gelu")).abs().max().item()
+    assert tanh_err < 1e-4 < erf_err, (tanh_err, erf_err)
+
+
+def test_plan_gives_cublaslt_zeros_for_a_missing_bias():
+    plan = G.GemmActPlan(40, 48, torch.float32, "relu", False, torch.device("cpu"),
+                         (G.GemmActBucket(1, (("cublaslt", 1.0), ("cublas", 2.0))),))
+    x, weight, _ = gemm_inputs(torch.float32, (3,), 48, 40)
+    assert plan.buckets[0].winner == "cublaslt"
+    assert_close_to_ref(plan(x, weight, None, "relu"), x, weight, None, "relu")
