@@ -134,7 +134,8 @@ def prefill_attention(seq_len: int = 4096, heads: int = 32, head_dim: int = 128)
 
 
 PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
-                   (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)]  # (BLOCK_M, BLOCK_N, warps, stages)
+                   (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 4),
+                   (64, 128, 4, 3)]  # (BLOCK_M, BLOCK_N, warps, stages)
 
 
 def prefill_sweep(seq_len: int = 4096, heads: int = 32, head_dim: int = 128):

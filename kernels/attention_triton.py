@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = math.log2(math.e)
 
@@ -113,27 +114,34 @@ def _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION: tl.constexpr):
 
 @triton.jit
 def _attend_new_keys(
-    acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_vt, start, end, q_len,
+    acc, l_i, m_i, q, offs_m, k_src, v_src, stride_kt, stride_vt, row0, col, start, end, q_len,
     qk_scale, softcap, window, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Fold keys j in [start, end) of this step's tokens into the softmax of the queries
     offs_m. MASKED: j may reach q_len, and CAUSAL masks j > i; unmasked blocks (all j < q_len
-    and below the block's first query) skip every mask but the window's."""
+    and below the block's first query) skip every mask but the window's.
+
+    k_src, v_src: TMA descriptors over [tokens, Hkv * D] (USE_TMA; the block of key j0 is at
+    [row0 + j0, col]), else pointers to this sequence's key 0 of this head."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for j0 in range(start, end, BLOCK_N):
         j = j0 + offs_n  # [N]
-        k_ptrs = k_base + j[:, None] * stride_kt + offs_d[None, :]  # [N, D]
-        v_ptrs = v_base + j[:, None] * stride_vt + offs_d[None, :]
-        if MASKED or D != BLOCK_D:
-            kv_mask = (j < q_len)[:, None] & (offs_d < D)[None, :]
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        if USE_TMA:  # rows past the sequence belong to the next one (or are zeros): masked below
+            k = k_src.load([row0 + j0, col])  # [N, D]
+            v = v_src.load([row0 + j0, col])
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            k_ptrs = k_src + j[:, None] * stride_kt + offs_d[None, :]  # [N, D]
+            v_ptrs = v_src + j[:, None] * stride_vt + offs_d[None, :]
+            if MASKED or D != BLOCK_D:
+                kv_mask = (j < q_len)[:, None] & (offs_d < D)[None, :]
+                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+                v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
         s = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
         visible = None
         if MASKED:
@@ -163,7 +171,9 @@ def _find_sequence(cu_ptr, num_seqs, pid, BLOCK_M: tl.constexpr):
     return lo
 
 
-@triton.jit
+# Arguments that change from step to step are not specialized on (Triton would compile a
+# variant for each value that is 1 or a multiple of 16 the first time it sees one).
+@triton.jit(do_not_specialize=["num_seqs", "stride_tb"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cache_ptr, cu_ptr, kv_lens_ptr, tables_ptr,
     num_seqs, qk_scale, softcap, window, block_size,
@@ -174,6 +184,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, PAGED: tl.constexpr, SKIP_DECODES: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if CAUSAL:
@@ -195,10 +206,13 @@ def _prefill_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
-    q = tl.load(
-        q_ptr + b * stride_qb + (q_begin + offs_m)[:, None] * stride_qt + h * stride_qh
-        + offs_d[None, :], mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0,
-    )  # [M, D]
+    if USE_TMA:  # q_ptr, k_ptr, v_ptr are descriptors over [T, heads * D]
+        q = q_ptr.load([q_begin + m0, h * D])  # [M, D]; rows past q_len are never stored
+    else:
+        q = tl.load(
+            q_ptr + b * stride_qb + (q_begin + offs_m)[:, None] * stride_qt + h * stride_qh
+            + offs_d[None, :], mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0,
+        )  # [M, D]
     q_pos = prefix + offs_m  # [M] absolute positions
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -226,19 +240,22 @@ def _prefill_kernel(
     # This step's keys, straight from k and v. Causal: keys before the block's first query m0
     # are visible to all its queries (bar the window), so only the diagonal blocks
     # [m0, m0 + BLOCK_M) pay for the causal mask; BLOCK_N divides BLOCK_M.
-    k_base = k_ptr + b * stride_kb + (q_begin * stride_kt + kvh * stride_kh)
-    v_base = v_ptr + b * stride_vb + (q_begin * stride_vt + kvh * stride_vh)
+    if USE_TMA:
+        k_src, v_src = k_ptr, v_ptr
+    else:
+        k_src = k_ptr + b * stride_kb + (q_begin * stride_kt + kvh * stride_kh)
+        v_src = v_ptr + b * stride_vb + (q_begin * stride_vt + kvh * stride_vh)
     j_lo = (tl.maximum(lo - prefix, 0) // BLOCK_N) * BLOCK_N
     if CAUSAL:
         acc, l_i, m_i = _attend_new_keys(
-            acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_vt, j_lo, m0, q_len,
-            qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, False, False, WINDOW, SOFTCAP,
-            PRECISION)
+            acc, l_i, m_i, q, offs_m, k_src, v_src, stride_kt, stride_vt, q_begin, kvh * D, j_lo,
+            m0, q_len, qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, False, False, WINDOW,
+            SOFTCAP, PRECISION, USE_TMA)
         j_lo = m0
     acc, l_i, m_i = _attend_new_keys(
-        acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_vt, j_lo,
-        tl.minimum(m0 + BLOCK_M, q_len) if CAUSAL else q_len, q_len,
-        qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PRECISION)
+        acc, l_i, m_i, q, offs_m, k_src, v_src, stride_kt, stride_vt, q_begin, kvh * D, j_lo,
+        tl.minimum(m0 + BLOCK_M, q_len) if CAUSAL else q_len, q_len, qk_scale, softcap, window,
+        D, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PRECISION, USE_TMA)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(
@@ -251,7 +268,7 @@ def _prefill_kernel(
 # ---------------------------------------------------------------- decode
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb"])
 def _decode_kernel(
     q_ptr, out_ptr, part_ptr, stats_ptr, cache_ptr, cu_ptr, kv_lens_ptr, tables_ptr,
     qk_scale, softcap, window, block_size,
@@ -400,17 +417,36 @@ def _prefill(q, k, v, out, cu, kv_lens, cache, tables, num_seqs, max_q_len, *, b
 
     paged = cache is not None
     cache_strides = cache.stride()[:4] if paged else (0, 0, 0, 0)
+    use_tma = not batched and _tma_fits(q, k, v)
+    if use_tma:  # the same tiles through the copy engine, as [T, heads * D] matrices
+        q_src, k_src, v_src = (
+            TensorDescriptor(t, [t.shape[0], t.shape[1] * head_dim], [t.stride(0), 1], [rows, head_dim])
+            for t, rows in ((q, block_m), (k, block_n), (v, block_n)))
+    else:
+        q_src, k_src, v_src = q, k, v
     _prefill_kernel[grid](
-        q, k, v, out, cache if paged else q, cu, kv_lens, tables if paged else cu,
+        q_src, k_src, v_src, out, cache if paged else q, cu, kv_lens, tables if paged else cu,
         num_seqs, scale * LOG2E, softcap, sliding_window, cache.shape[3] if paged else 1,
         *strides(q), *strides(k), *strides(v), *strides(out),
         *cache_strides, tables.stride(0) if paged else 0,
         GROUP=num_heads // num_kv_heads, D=head_dim, BLOCK_D=_block_d(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, VARLEN=not batched, PAGED=paged,
         SKIP_DECODES=skip_decodes, CAUSAL=causal, WINDOW=causal and sliding_window > 0,
-        SOFTCAP=softcap > 0, PRECISION=_precision(q), num_warps=num_warps,
+        SOFTCAP=softcap > 0, PRECISION=_precision(q), USE_TMA=use_tma, num_warps=num_warps,
         num_stages=num_stages,
     )
+
+
+def _tma_fits(*tensors: Tensor) -> bool:
+    """Hopper or later, and [T, heads, D] tensors the copy engine can tile: D a power of two
+    of at least 16 bytes, heads * D dense, token stride and base 16-byte aligned."""
+    t = tensors[0]
+    if not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    head_dim = t.shape[-1]
+    return head_dim == _block_d(head_dim) and all(
+        x.stride(1) == head_dim and x.data_ptr() % 16 == 0
+        and (x.stride(0) * x.element_size()) % 16 == 0 for x in tensors)
 
 
 def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softcap):
@@ -452,7 +488,11 @@ def attention_triton(
         return out
     cu = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=q.device)
     kv_lens = torch.full((batch,), seq_len, dtype=torch.int32, device=q.device)
-    _prefill(q, k, v, out, cu, kv_lens, None, None, batch, seq_len, batched=True, scale=scale,
+    # Where the batch folds into the token axis (q, k, v contiguous over [B, S]), run the packed
+    # layout, which the Hopper path (TMA) takes; else batched strides.
+    packed = all(t.stride(0) == seq_len * t.stride(1) for t in (q, k, v))
+    args = [t.flatten(0, 1) if packed else t for t in (q, k, v, out)]
+    _prefill(*args, cu, kv_lens, None, None, batch, seq_len, batched=not packed, scale=scale,
              causal=causal, sliding_window=sliding_window, softcap=softcap, skip_decodes=False)
     return out
 

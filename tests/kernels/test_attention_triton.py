@@ -166,6 +166,10 @@ def test_attention_gpu_bf16(head_dim):
     for window, softcap in [(-1, 0.0), (256, 30.0)]:
         args = (head_dim**-0.5, True, window, softcap)
         close(AT.attention_triton(q, k, k * 0.5, *args), A.attention_ref(q, k, k * 0.5, *args))
+    # Strided views (no packed layout, no TMA): the pointer path.
+    qt, kt = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    close(AT.attention_triton(qt, kt, kt, head_dim**-0.5, True, -1, 0.0),
+          A.attention_ref(qt, kt, kt, head_dim**-0.5, True, -1, 0.0))
 
 
 @pytest.mark.gpu
