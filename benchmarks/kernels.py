@@ -139,8 +139,9 @@ PREFILL_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64
 
 
 def prefill_sweep(seq_len: int = 4096, heads: int = 32, head_dim: int = 128):
-    """The prefill kernel's time under each tile config, to pick `_prefill_config`'s."""
-    q, k, v = (torch.randn(1, seq_len, heads, head_dim, device="cuda", dtype=DTYPE) for _ in range(3))
+    """The prefill kernel's time under each tile config, to pick `_prefill_config`'s (packed
+    [T, H, D] inputs, as attention_triton runs contiguous ones: the TMA path on Hopper)."""
+    q, k, v = (torch.randn(seq_len, heads, head_dim, device="cuda", dtype=DTYPE) for _ in range(3))
     out = torch.empty_like(q)
     cu = torch.tensor([0, seq_len], device="cuda", dtype=torch.int32)
     lens = torch.tensor([seq_len], device="cuda", dtype=torch.int32)
@@ -149,7 +150,7 @@ def prefill_sweep(seq_len: int = 4096, heads: int = 32, head_dim: int = 128):
     for config in PREFILL_CONFIGS:
         def call(config=config):
             return lambda: attn_triton._prefill(
-                q, k, v, out, cu, lens, None, None, 1, seq_len, batched=True, scale=head_dim**-0.5,
+                q, k, v, out, cu, lens, None, None, 1, seq_len, batched=False, scale=head_dim**-0.5,
                 causal=True, sliding_window=-1, softcap=0.0, skip_decodes=False, config=config)
         try:
             ms = bench_ms(call, 1)

@@ -82,30 +82,32 @@ def write_kv_triton(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor
 
 @triton.jit
 def _scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """q [M, D] . k [N, D] -> logits [M, N] in log2 units: scaled, then capped as
-    c * tanh(x / c) when SOFTCAP (qk_scale = scale * log2(e))."""
+    """q [M, D] . k [N, D] -> (s [M, N], f): the logits in log2 units are s * f. Without
+    SOFTCAP s is the raw product and f = qk_scale (= scale * log2(e)), so the softmax step
+    folds the scale into one FMA; with it, s = c * tanh(scale * q.k / c) in log2 units, f = 1."""
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
     if SOFTCAP:
         x = s * (qk_scale / (softcap * 1.4426950408889634))  # natural units, over c
         e = tl.exp(-2.0 * tl.abs(x))
         tanh = tl.where(x >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
-        return tanh * (softcap * 1.4426950408889634)
-    return s * qk_scale
+        return tanh * (softcap * 1.4426950408889634), 1.0
+    return s, qk_scale
 
 
 @triton.jit
-def _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION: tl.constexpr):
-    """Fold one block of logits s [M, N] (log2 units) and values v [N, D] into the running
-    max m_i [M], sum l_i [M] and output acc [M, D]. Masked entries contribute nothing; a row
-    with nothing visible yet keeps m_i = -inf without producing NaN. visible=None: all are."""
+def _online_softmax_step(acc, l_i, m_i, s, f, v, visible, PRECISION: tl.constexpr):
+    """Fold one block of logits s * f [M, N] (log2 units, f > 0) and values v [N, D] into the
+    running max m_i [M], sum l_i [M] and output acc [M, D]. Masked entries contribute
+    nothing; a row with nothing visible yet keeps m_i = -inf without producing NaN.
+    visible=None: all are."""
     if visible is not None:
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
+    m_new = tl.maximum(m_i, tl.max(s, 1) * f)  # [M]
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)  # [M]; exp2(-inf) = 0 for rows starting out
-    p = tl.exp2(s - m_safe[:, None])  # [M, N]
+    p = tl.exp2(s * f - m_safe[:, None])  # [M, N]
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
 
@@ -142,7 +144,7 @@ def _attend_new_keys(
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
-        s = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+        s, f = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
         visible = None
         if MASKED:
             visible = (j < q_len)[None, :]
@@ -151,7 +153,7 @@ def _attend_new_keys(
         if WINDOW:
             in_window = offs_m[:, None] - j[None, :] < window
             visible = in_window if visible is None else visible & in_window
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v, visible, PRECISION)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, f, v, visible, PRECISION)
     return acc, l_i, m_i
 
 
@@ -231,11 +233,11 @@ def _prefill_kernel(
             kv_mask = in_ctx[:, None] & d_ok[None, :]
             k = tl.load(base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
             v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+            s, f = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
             visible = in_ctx[None, :]
             if WINDOW:
                 visible = visible & (q_pos[:, None] - n[None, :] < window)
-            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v.to(q.dtype), visible,
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, f, v.to(q.dtype), visible,
                                                  PRECISION)
     # This step's keys, straight from k and v. Causal: keys before the block's first query m0
     # are visible to all its queries (bar the window), so only the diagonal blocks
@@ -311,8 +313,8 @@ def _decode_kernel(
         kv_mask = in_ctx[:, None] & d_ok[None, :]
         k = tl.load(base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
         v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, v.to(q.dtype), in_ctx[None, :],
+        s, f = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, f, v.to(q.dtype), in_ctx[None, :],
                                              PRECISION)
     out_mask = g_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # The epilogue activations, by the name the `act` argument gives.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -106,9 +107,16 @@ def _act_kernel(y_ptr, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
 _ACT_BLOCK = 1024
 
 
+def _set_tile_shapes(nargs: dict) -> None:
+    """Autotune pre-hook: TMA descriptors take the tile shapes of the config being run."""
+    if isinstance(nargs["x_ptr"], TensorDescriptor):
+        nargs["x_ptr"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["w_ptr"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
 def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> triton.Config:
     tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
-    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages)
+    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages, pre_hook=_set_tile_shapes)
 
 
 # Decode (M <= 16): the GEMM streams the weight once. N tiles of 16-64 give 64-256 programs at
@@ -154,7 +162,7 @@ def _configs_for_m_bucket(configs: list[triton.Config], named_args: dict, **kwar
 
 @triton.autotune(
     configs=_DECODE_CONFIGS + _PREFILL_CONFIGS,
-    key=["M_BUCKET", "N", "K"],  # the autotuner adds the tensors' dtypes
+    key=["M_BUCKET", "N", "K", "USE_TMA"],  # the autotuner adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _configs_for_m_bucket},
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -163,11 +171,12 @@ def _gemm_act_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     M, N, K, M_BUCKET,  # M_BUCKET: only the autotune key
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """out[M, N] = act(x[M, K] @ w[N, K]^T + bias[N]), float32 accumulation, one tile per program."""
+    """out[M, N] = act(x[M, K] @ w[N, K]^T + bias[N]), float32 accumulation, one tile per program.
+    USE_TMA: x_ptr, w_ptr are TMA descriptors (Hopper); tiles past M, N, K come in as zeros."""
     # Grouped order: consecutive programs walk GROUP_M row blocks down one column block of w.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -187,7 +196,10 @@ def _gemm_act_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
+        if USE_TMA:
+            a = x_ptr.load([pid_m * BLOCK_M, k * BLOCK_K])  # [BLOCK_M, BLOCK_K]
+            b = w_ptr.load([pid_n * BLOCK_N, k * BLOCK_K]).T  # [BLOCK_K, BLOCK_N]
+        elif EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
         else:
@@ -238,16 +250,29 @@ def _launch_gemm_act(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    x_src, w_src, use_tma = x2, weight, config is None and _tma_fits(x2, weight)
+    if use_tma:  # tile shapes are set per config by _set_tile_shapes
+        x_src = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [16, 16])
+        w_src = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [16, 16])
     kernel[grid](
-        x2, weight, out if bias is None else bias.contiguous(), out,
+        x_src, w_src, out if bias is None else bias.contiguous(), out,
         m, n, k, _m_bucket(m),
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, ACT=act,
+        HAS_BIAS=bias is not None, ACT=act, USE_TMA=use_tma,
         # Float32 in full precision as F.linear by default (no TF32); 16-bit inputs take the default.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
         **meta,
     )
     return out.view(*x.shape[:-1], n)
+
+
+def _tma_fits(x2: Tensor, weight: Tensor) -> bool:
+    """Hopper or later, 16-bit, unit stride along K, rows and bases 16-byte aligned."""
+    if not x2.is_cuda or torch.cuda.get_device_capability(x2.device)[0] < 9:
+        return False
+    return x2.dtype in (torch.float16, torch.bfloat16) and all(
+        t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in (x2, weight))
 
 
 def gemm_act_cublas(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tensor:
