@@ -265,18 +265,18 @@ def main():
     bw = copy_bandwidth("cuda") / 1e9
     tflops = cublas_tflops()
     print(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s, cuBLAS bf16 {tflops:.0f} TFLOP/s")
+    sections = {"norm": lambda: memory_bound(bw), "attention": lambda: prefill_attention() + decode_attention(bw),
+                "sweep": prefill_sweep, "gemm": lambda: gemm_act_rows(tflops)}
     rows, plans = [], None
-    if "norm" in only:
-        rows += memory_bound(bw)
-    if "attention" in only:
-        rows += prefill_attention() + decode_attention(bw)
-    if "sweep" in only:
-        rows += prefill_sweep()
-    if "gemm" in only:
-        gemm_rows, planner = gemm_act_rows(tflops)
-        rows += gemm_rows
-        plans = planner.describe()
-    print_table(rows)
+    for name, run in sections.items():
+        if name not in only:
+            continue
+        section = run()
+        if name == "gemm":
+            section, planner = section
+            plans = planner.describe()
+        print_table(section)  # as each section ends, so a later failure loses nothing
+        rows += section
     if plans:
         print(plans)
     with open(args.out, "w") as f:
