@@ -142,6 +142,10 @@ _PREFILL_CONFIGS = [
     _config(64, 256, 64, 4, 4),
     _config(64, 256, 64, 8, 3),
     _config(64, 128, 64, 4, 4),
+    # M = 256 fills only 64 CTAs of 128x128 at N = 4096: smaller tiles for more of the 132 SMs.
+    _config(64, 128, 64, 8, 3),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
 ]
 
 
