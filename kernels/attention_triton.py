@@ -111,6 +111,21 @@ def _online_softmax_step(acc, l_i, m_i, s, f, v, visible, PRECISION: tl.constexp
     return acc, l_i, m_new
 
 
+@triton.jit
+def _load_paged_kv(cache_ptr, table_ptr, n, valid, kvh, block_size, stride_cb, stride_ckv,
+                   stride_ch, stride_cp, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K and V [N, D] of key positions n [N] of one sequence (block table at table_ptr) and
+    KV head from the paged cache; zeros where not `valid` (never-written slots may hold NaN)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    block_ids = tl.load(table_ptr + n // block_size, mask=valid, other=0)  # [N]
+    base = cache_ptr + block_ids.to(tl.int64) * stride_cb + kvh * stride_ch \
+        + (n % block_size) * stride_cp  # [N]
+    mask = valid[:, None] & (offs_d < D)[None, :]
+    k = tl.load(base[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
 # ---------------------------------------------------------------- prefill
 
 
@@ -227,12 +242,9 @@ def _prefill_kernel(
         for n0 in range((lo // BLOCK_N) * BLOCK_N, prefix, BLOCK_N):
             n = n0 + offs_n  # [N] key positions
             in_ctx = n < prefix
-            block_ids = tl.load(tables_ptr + b * stride_tb + n // block_size, mask=in_ctx, other=0)
-            base = cache_ptr + block_ids.to(tl.int64) * stride_cb + kvh * stride_ch \
-                + (n % block_size) * stride_cp  # [N]
-            kv_mask = in_ctx[:, None] & d_ok[None, :]
-            k = tl.load(base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-            v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v = _load_paged_kv(cache_ptr, tables_ptr + b * stride_tb, n, in_ctx, kvh,
+                                  block_size, stride_cb, stride_ckv, stride_ch, stride_cp, D,
+                                  BLOCK_D)  # [N, D] each
             s, f = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
             visible = in_ctx[None, :]
             if WINDOW:
@@ -307,12 +319,9 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + offs_n  # [N] key positions
         in_ctx = n < end
-        block_ids = tl.load(tables_ptr + b * stride_tb + n // block_size, mask=in_ctx, other=0)
-        base = cache_ptr + block_ids.to(tl.int64) * stride_cb + kvh * stride_ch \
-            + (n % block_size) * stride_cp  # [N]
-        kv_mask = in_ctx[:, None] & d_ok[None, :]
-        k = tl.load(base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_paged_kv(cache_ptr, tables_ptr + b * stride_tb, n, in_ctx, kvh, block_size,
+                              stride_cb, stride_ckv, stride_ch, stride_cp, D,
+                              BLOCK_D)  # [N, D] each
         s, f = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, f, v.to(q.dtype), in_ctx[None, :],
                                              PRECISION)
