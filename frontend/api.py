@@ -72,10 +72,13 @@ class CompiledModel:
         self.runtime = LLMEngine(engine, _runtime_config(engine, config))
 
     def report(self) -> str:
-        """Each fusion pass of the compile and how many rewrites it made."""
+        """Each fusion pass of the compile and how many rewrites it made, then which
+        implementation runs each op."""
         if not self.pass_reports:
-            return "no fusion report: this model was loaded from an engine folder, not compiled"
-        return format_report(self.pass_reports)
+            passes = "no fusion report: this model was loaded from an engine folder, not compiled"
+        else:
+            passes = format_report(self.pass_reports)
+        return f"{passes}\n{self.engine.describe_implementations()}"
 
     @property
     def max_seq_len(self) -> int:

@@ -39,7 +39,10 @@ class Engine:
         self.target = target
         self.input_names = [n.target for n in graph.nodes if n.op == "placeholder"]
         self.device, self.dtype = _device_and_dtype(weights)
-        self._module = _executable(graph, weights, target, registry or default_registry(), self.device)
+        # node name -> name of the implementation that runs it (trtllm ops only)
+        self.implementations: dict[str, str] = {}
+        self._module = _executable(graph, weights, target, registry or default_registry(), self.device,
+                                   self.implementations)
 
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
@@ -48,6 +51,17 @@ class Engine:
             raise LoweringError(f"engine step is missing inputs {sorted(missing)}")
         (logits,) = self._module(*(inputs[name] for name in self.input_names))
         return logits[0]  # [N, V]
+
+    def describe_implementations(self) -> str:
+        """One line per op: how many nodes run it under each implementation."""
+        counts: dict[tuple[str, str], int] = {}
+        for node in self.graph.nodes:
+            if node.name in self.implementations:
+                key = (node.target.name(), self.implementations[node.name])
+                counts[key] = counts.get(key, 0) + 1
+        lines = [f"implementations on {self.device}:"]
+        lines += [f"  {op}: {impl} x {n}" for (op, impl), n in sorted(counts.items())]
+        return "\n".join(lines)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -104,8 +118,9 @@ def _device_and_dtype(weights: dict[str, torch.Tensor]) -> tuple[torch.device, t
 
 
 def _executable(graph: Graph, weights: dict, target: str, registry: Registry,
-                device: torch.device) -> GraphModule:
-    """A GraphModule over a copy of `graph` with each trtllm op replaced by its chosen impl."""
+                device: torch.device, chosen: dict[str, str]) -> GraphModule:
+    """A GraphModule over a copy of `graph` with each trtllm op replaced by its chosen impl,
+    whose name goes into `chosen` under the node's name."""
     exec_graph = Graph()
     out = exec_graph.graph_copy(graph, {})
     exec_graph.output(out)
@@ -113,6 +128,7 @@ def _executable(graph: Graph, weights: dict, target: str, registry: Registry,
         if node.op == "call_function" and getattr(node.target, "namespace", None) == "trtllm":
             impl = registry.choose(node, target, device.type)
             node.target = impl.callable_for(node, weights)
+            chosen[node.name] = impl.name
     root = torch.nn.Module()
     for name, tensor in weights.items():
         owner = root

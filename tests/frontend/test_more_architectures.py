@@ -47,6 +47,24 @@ def test_family_compiles_and_matches(family):
     assert got == model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, 7:].tolist()
 
 
+@pytest.mark.parametrize("family", ["OPT", "GPTNeoX"])  # fc1 + relu, dense_h_to_4h + gelu
+def test_gemm_act_runs_its_measured_plan(family):
+    """Linear + activation -> gemm_act; on CPU the reference runs it, on CUDA the plan
+    lowering measured (cuBLASLt epilogue, cuBLAS + act or Triton), in bf16 within 2e-2."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make(family).to(device, torch.bfloat16)
+    llm = trtllm.compile(model, dtype="bf16", device=device)
+    nodes = [n.name for n in llm.engine.graph.nodes if n.target is torch.ops.trtllm.gemm_act.default]
+    assert len(nodes) == model.config.num_hidden_layers
+    chosen = {llm.engine.implementations[name] for name in nodes}
+    expected_impl = "torch-reference" if device == "cpu" else "gemm_act, triton or cuBLAS by measurement"
+    assert chosen == {expected_impl}
+    assert f"trtllm::gemm_act: {expected_impl} x {len(nodes)}" in llm.report()
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    expected = model(ids).logits.float()
+    assert (llm(ids).float() - expected).abs().max() / expected.abs().max() < 2e-2
+
+
 def test_bloom_attention_bypasses_the_interface():
     with pytest.raises(trtllm.UnsupportedModelError, match="bypasses the interface"):
         trtllm.compile(make("Bloom"), dtype="fp32")
