@@ -109,4 +109,9 @@ def _plan_gemm_act(planner, node: Node, weights: dict[str, torch.Tensor]) -> Cal
     if not isinstance(weight, Node) or weight.op != "get_attr":
         raise LoweringError(f"gemm_act node {node.name}: its weight is not a graph constant")
     w = weights[weight.target]
-    return planner.plan(*w.shape, w.dtype, act, bias is not None, w.device)
+    plan = planner.plan(*w.shape, w.dtype, act, bias is not None, w.device)
+
+    def gemm_act_planned(x, weight, bias, act):  # a function, as fx wants for a call target
+        return plan(x, weight, bias, act)
+
+    return gemm_act_planned

@@ -92,3 +92,40 @@ def test_alias_of_shared_storage_round_trips(tmp_path):
     shared = torch.randn(4, 4)
     unique, aliases = _dedup({"a": shared, "b": shared, "c": torch.randn(2)})
     assert set(unique) == {"a", "c"} and aliases == {"b": "a"}
+
+
+def test_gemm_act_plan_binds_into_the_engine():
+    """gemm_act's bind asks the planner for the node's weight shape, dtype, act and bias, and
+    the plan it returns (a callable object, not a function) runs as the node's target."""
+    from torch.fx import GraphModule
+
+    from trtllm.lowering.engine import _executable
+    from trtllm.lowering.registry import _plan_gemm_act
+
+    class Plan:  # stands in for GemmActPlan, whose planning needs a GPU
+        def __call__(self, x, weight, bias, act):
+            return torch.relu(x @ weight.T)
+
+    class Planner:
+        asked = []
+
+        def plan(self, *key):
+            self.asked.append(key)
+            return Plan()
+
+    planner = Planner()
+    registry = Registry()
+    op = torch.ops.trtllm.gemm_act.default
+    registry.register(op, "native", Impl("planned", op,
+                                         bind=lambda node, weights: _plan_gemm_act(planner, node, weights)))
+    graph = Graph()
+    x = graph.placeholder("x")
+    out = graph.call_function(op, (x, graph.get_attr("w"), None, "relu"))
+    graph.output((out,))
+    weights = {"w": torch.randn(3, 4)}
+    chosen = {}
+    module = _executable(graph, weights, "native", registry, torch.device("cpu"), chosen)
+    assert isinstance(module, GraphModule) and chosen == {out.name: "planned"}
+    assert planner.asked == [(3, 4, torch.float32, "relu", False, torch.device("cpu"))]
+    xs = torch.randn(2, 4)
+    assert torch.equal(module(xs)[0], torch.relu(xs @ weights["w"].T))
