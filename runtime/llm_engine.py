@@ -18,7 +18,7 @@ from trtllm.lowering.engine import Engine
 
 from .kv_cache import KVCachePool
 from .model_runner import ModelRunner
-from .sampler import make_generator, sample
+from .sampler import SampleRow, make_generator, sample
 from .sampling_params import GenerationOutput, SamplingParams
 from .scheduler import Request, ScheduledSequence, Scheduler
 
@@ -37,6 +37,15 @@ class RuntimeConfig:
         return self.max_batch_size * math.ceil(self.max_seq_len / self.block_size)
 
 
+@dataclass
+class _RequestState:
+    """The engine's side of one unfinished request (the scheduler keeps the rest)."""
+
+    row: SampleRow  # what the sampler reads; its token lists are the scheduler's, kept current
+    logprobs: list[float] | None  # per generated token, when the request asked for logprobs
+    top_logprobs: list[dict[int, float]] | None  # likewise, the most likely alternatives
+
+
 class LLMEngine:
     def __init__(self, engine: Engine, config: RuntimeConfig = RuntimeConfig()):
         spec = engine.spec
@@ -51,7 +60,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.block_size, self.pool.num_blocks, config.max_batch_size,
                                    config.max_num_tokens, config.max_seq_len)
         self.runner = ModelRunner(engine, self.pool)
-        self._params: dict[str, tuple[SamplingParams, torch.Generator | None]] = {}
+        self._requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -62,7 +71,11 @@ class LLMEngine:
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.engine.spec.eos_token_ids))
         request = Request(request_id, list(prompt_token_ids), params.max_new_tokens, frozenset(stop))
         self.scheduler.add_request(request)
-        self._params[request_id] = (params, make_generator(params, self.engine.device))
+        logprobs = None if params.logprobs is None else []
+        self._requests[request_id] = _RequestState(
+            SampleRow(params, make_generator(params, self.engine.device), request.prompt_token_ids,
+                      request.output_token_ids),
+            logprobs, None if logprobs is None else [])
         return request_id
 
     def check_prompt(self, prompt_token_ids: list[int]) -> None:
@@ -83,15 +96,20 @@ class LLMEngine:
             return []
         logits = self.runner.execute(batch)  # [N, V]
         sampling = [s for s in batch.sequences if s.samples]
-        params = [self._params[s.request_id] for s in sampling]
-        tokens = sample(logits, [p for p, _ in params], [g for _, g in params])
-        finished = self.scheduler.update(batch, {s.request_id: t for s, t in zip(sampling, tokens)})
+        states = [self._requests[s.request_id] for s in sampling]
+        sampled = sample(logits, [state.row for state in states])
+        for state, logprob, top in zip(states, sampled.logprobs, sampled.top_logprobs):
+            if state.logprobs is not None:
+                state.logprobs.append(logprob)
+                state.top_logprobs.append(top)
+        finished = self.scheduler.update(batch, {s.request_id: t for s, t in zip(sampling, sampled.token_ids)})
         return [self._finish(r) for r in finished]
 
     def _finish(self, request: Request) -> GenerationOutput:
-        del self._params[request.request_id]
+        state = self._requests.pop(request.request_id)
         return GenerationOutput(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
-                                finish_reason=request.finish_reason)
+                                finish_reason=request.finish_reason, logprobs=state.logprobs,
+                                top_logprobs=state.top_logprobs)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[GenerationOutput]:
         """Run `prompts` to completion; outputs in the order of `prompts`."""
@@ -110,7 +128,7 @@ class LLMEngine:
         return [done[i] for i in ids]
 
     def abort(self, request_id: str) -> bool:
-        self._params.pop(request_id, None)
+        self._requests.pop(request_id, None)
         return self.scheduler.abort(request_id)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

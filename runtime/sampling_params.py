@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trtllm.kernels.errors import RequestError
 
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for, as OpenAI's API
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -16,9 +18,9 @@ class SamplingParams:
     top_k: int = 0  # sample among the k most likely tokens (0: all)
     top_p: float = 1.0  # sample among the most likely tokens whose probabilities add up to top_p
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
-    repetition_penalty: float = 1.0  # not supported yet: must stay 1.0
-    presence_penalty: float = 0.0  # not supported yet: must stay 0.0
-    frequency_penalty: float = 0.0  # not supported yet: must stay 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of prompt and output (transformers' rule)
+    presence_penalty: float = 0.0  # in [-2, 2]: subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # in [-2, 2]: subtracted per occurrence in the output
     seed: int | None = None  # per-request random seed for sampling
     stop_token_ids: tuple[int, ...] = ()  # finish when one of these is generated (kept in the output)
     stop: tuple[str, ...] = ()  # not supported yet: must be empty
@@ -26,7 +28,7 @@ class SamplingParams:
     num_beams: int = 1  # not supported yet: must stay 1
     length_penalty: float = 1.0  # beam search only
     n: int = 1  # not supported yet: must stay 1
-    logprobs: int | None = None  # not supported yet: must stay None
+    logprobs: int | None = None  # None: none; k in [0, 20]: each token's log-probability and the top k
 
     def validate(self) -> None:
         """Raise `RequestError` naming the first invalid or not-yet-supported field."""
@@ -40,11 +42,18 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
-        unsupported = {
-            "repetition_penalty": (self.repetition_penalty, 1.0), "presence_penalty": (self.presence_penalty, 0.0),
-            "frequency_penalty": (self.frequency_penalty, 0.0), "stop": (tuple(self.stop), ()),
-            "num_beams": (self.num_beams, 1), "n": (self.n, 1), "logprobs": (self.logprobs, None),
-        }
+        if not self.repetition_penalty > 0:
+            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"logprobs must be None or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.num_beams < 1:
+            raise RequestError(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.n < 1:
+            raise RequestError(f"n must be at least 1, got {self.n}")
+        unsupported = {"stop": (tuple(self.stop), ()), "num_beams": (self.num_beams, 1), "n": (self.n, 1)}
         for name, (value, default) in unsupported.items():
             if value != default:
                 raise RequestError(f"SamplingParams.{name}={value!r} is not supported yet (leave it at {default!r})")
@@ -60,3 +69,4 @@ class GenerationOutput:
     text: str | None = None  # decoded token_ids, when the model has a tokenizer
     finish_reason: str | None = None  # "stop" (a stop or EOS token), "length" or "abort"
     logprobs: list[float] | None = None  # log-probability of each generated token, when asked
+    top_logprobs: list[dict[int, float]] | None = None  # per token, the `logprobs` most likely tokens
