@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -111,6 +112,16 @@ class CompiledModel:
             for out in outputs:
                 out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         return outputs
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[int]:
+        """Generate for one prompt (token ids, or a string with a tokenizer), yielding each new
+        token id as it is made; the same tokens as `generate` gives. Close the iterator to
+        stop early (the request is aborted and its cache freed)."""
+        params = sampling_params or SamplingParams()
+        params.validate()
+        ids = self._encode(prompt)
+        self._check_length(ids, params.max_new_tokens)
+        return self.runtime.stream(ids, params)
 
     def save(self, path: str | Path) -> None:
         """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer."""

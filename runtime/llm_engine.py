@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,7 @@ class LLMEngine:
                                    config.max_num_tokens, config.max_seq_len)
         self.runner = ModelRunner(engine, self.pool)
         self._requests: dict[str, _RequestState] = {}
+        self._outputs: dict[str, GenerationOutput] = {}  # finished, not yet handed to their caller
         self._ids = itertools.count()
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -118,14 +120,43 @@ class LLMEngine:
             p.validate()
             self.check_prompt(prompt)
         ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
-        done: dict[str, GenerationOutput] = {}
         try:
-            while len(done) < len(ids):
-                done.update((o.request_id, o) for o in self.step())
+            while not all(i in self._outputs for i in ids):
+                self._step_and_keep()
         finally:
-            for request_id in set(ids) - set(done):  # an error mid-way must not leak blocks
+            for request_id in ids:  # an error mid-way must not leak blocks
+                if request_id not in self._outputs:
+                    self.abort(request_id)
+        return [self._outputs.pop(i) for i in ids]
+
+    def stream(self, prompt_token_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """Run one request, yielding each generated token as soon as its step is done.
+
+        It drives the same in-flight loop as `generate`: other requests in the engine (other
+        streams too) advance with it. Closing the iterator early aborts the request and frees
+        its blocks at once. The request is checked and queued here, before the first token."""
+        return self._stream(self.add_request(prompt_token_ids, params))
+
+    def _stream(self, request_id: str) -> Iterator[int]:
+        sent = 0
+        try:
+            while True:
+                done = self._outputs.pop(request_id, None)
+                tokens = done.token_ids if done else self._requests[request_id].row.output_token_ids
+                while sent < len(tokens):
+                    sent += 1
+                    yield tokens[sent - 1]
+                if done:
+                    return
+                self._step_and_keep()
+        finally:
+            if request_id in self._requests:
                 self.abort(request_id)
-        return [done[i] for i in ids]
+
+    def _step_and_keep(self) -> None:
+        """One step; its finished requests wait in `_outputs` for whoever asked for them."""
+        for output in self.step():
+            self._outputs[output.request_id] = output
 
     def abort(self, request_id: str) -> bool:
         self._requests.pop(request_id, None)

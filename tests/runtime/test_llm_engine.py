@@ -3,6 +3,7 @@ greedy tokens of transformers."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_model
 
@@ -68,3 +69,33 @@ def test_seeded_sampling_is_reproducible():
     b = llm.generate([PROMPTS[2], PROMPTS[4]], params)[0].token_ids
     greedy = llm.generate([PROMPTS[2]], trtllm.SamplingParams(max_new_tokens=16, ignore_eos=True))[0].token_ids
     assert a == b and a != greedy
+
+
+def test_stream_equals_generate_and_closing_frees_blocks():
+    llm = trtllm.compile(make_model("llama"), dtype="fp32", max_batch_size=4)
+    for params in [trtllm.SamplingParams(max_new_tokens=12, ignore_eos=True),
+                   trtllm.SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)]:
+        assert list(llm.stream(PROMPTS[4], params)) == llm.generate([PROMPTS[4]], params)[0].token_ids
+    # Two streams consumed in turns share the loop and each get their own tokens.
+    params = trtllm.SamplingParams(max_new_tokens=8, ignore_eos=True)
+    a, b = llm.stream(PROMPTS[1], params), llm.stream(PROMPTS[2], params)
+    got_a, got_b = [], []
+    for x, y in zip(a, b):
+        got_a.append(x)
+        got_b.append(y)
+    assert got_a == llm.generate([PROMPTS[1]], params)[0].token_ids
+    assert got_b == llm.generate([PROMPTS[2]], params)[0].token_ids
+    # Stopping early aborts the request and frees its blocks at once.
+    early = llm.stream(PROMPTS[2], trtllm.SamplingParams(max_new_tokens=30, ignore_eos=True))
+    assert len([t for _, t in zip(range(3), early)]) == 3
+    early.close()
+    assert not llm.runtime.has_unfinished()
+    assert llm.runtime.scheduler.num_free_blocks == llm.runtime.pool.num_blocks
+
+
+def test_stream_checks_its_request_before_the_first_token():
+    llm = trtllm.compile(make_model("llama"), dtype="fp32")
+    with pytest.raises(trtllm.RequestError, match="temperature"):
+        llm.stream(PROMPTS[0], trtllm.SamplingParams(temperature=-1.0))
+    with pytest.raises(trtllm.RequestError, match="outside the vocabulary"):
+        llm.stream([10**6], trtllm.SamplingParams())
