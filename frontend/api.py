@@ -70,7 +70,8 @@ class CompiledModel:
         self.tokenizer = tokenizer
         self.compile_seconds: float | None = None
         self.pass_reports: list = []
-        self.runtime = LLMEngine(engine, _runtime_config(engine, config))
+        detokenize = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        self.runtime = LLMEngine(engine, _runtime_config(engine, config), detokenize)
 
     def report(self) -> str:
         """Each fusion pass of the compile and how many rewrites it made, then which
@@ -110,7 +111,8 @@ class CompiledModel:
         outputs = self.runtime.generate(token_lists, params)
         if self.tokenizer is not None:
             for out in outputs:
-                out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+                if out.text is None:  # (a stop string already cut it)
+                    out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         return outputs
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,10 +45,13 @@ class _RequestState:
     row: SampleRow  # what the sampler reads; its token lists are the scheduler's, kept current
     logprobs: list[float] | None  # per generated token, when the request asked for logprobs
     top_logprobs: list[dict[int, float]] | None  # likewise, the most likely alternatives
+    text: str | None = None  # the text up to a stop string, once one ended the request
 
 
 class LLMEngine:
-    def __init__(self, engine: Engine, config: RuntimeConfig = RuntimeConfig()):
+    def __init__(self, engine: Engine, config: RuntimeConfig = RuntimeConfig(),
+                 detokenize: Callable[[list[int]], str] | None = None):
+        """detokenize: token ids -> text, for stop strings (None: requests may not give any)."""
         spec = engine.spec
         if spec.max_position_embeddings is not None and config.max_seq_len > spec.max_position_embeddings:
             raise ConfigError(
@@ -56,6 +59,7 @@ class LLMEngine:
             )
         self.engine = engine
         self.config = config
+        self.detokenize = detokenize
         self.pool = KVCachePool(spec.num_layers, config.blocks(), spec.num_kv_heads, config.block_size,
                                 spec.head_dim, engine.dtype, engine.device)
         self.scheduler = Scheduler(config.block_size, self.pool.num_blocks, config.max_batch_size,
@@ -69,6 +73,8 @@ class LLMEngine:
         """Queue a request; it joins the running batch at the next step. Returns its id."""
         params.validate()
         self.check_prompt(prompt_token_ids)
+        if params.stop and self.detokenize is None:
+            raise RequestError("SamplingParams.stop needs a tokenizer: compile(model, tokenizer=...)")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.engine.spec.eos_token_ids))
         request = Request(request_id, list(prompt_token_ids), params.max_new_tokens, frozenset(stop))
@@ -105,12 +111,28 @@ class LLMEngine:
                 state.logprobs.append(logprob)
                 state.top_logprobs.append(top)
         finished = self.scheduler.update(batch, {s.request_id: t for s, t in zip(sampling, sampled.token_ids)})
+        finished += self._stop_strings([s.request_id for s in sampling])
         return [self._finish(r) for r in finished]
+
+    def _stop_strings(self, request_ids: list[str]) -> list[Request]:
+        """Finish, with "stop", the running requests whose text now holds one of their stop
+        strings; their text ends before it (the tokens keep the one that completed it)."""
+        stopped = []
+        for request_id in request_ids:
+            state = self._requests.get(request_id)
+            if state is None or not state.row.params.stop:
+                continue
+            text = self.detokenize(list(state.row.output_token_ids))
+            cut = min((i for i in (text.find(s) for s in state.row.params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                state.text = text[:cut]
+                stopped.append(self.scheduler.abort(request_id, reason="stop"))
+        return [r for r in stopped if r is not None]
 
     def _finish(self, request: Request) -> GenerationOutput:
         state = self._requests.pop(request.request_id)
         return GenerationOutput(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
-                                finish_reason=request.finish_reason, logprobs=state.logprobs,
+                                text=state.text, finish_reason=request.finish_reason, logprobs=state.logprobs,
                                 top_logprobs=state.top_logprobs)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[GenerationOutput]:
@@ -160,7 +182,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         self._requests.pop(request_id, None)
-        return self.scheduler.abort(request_id)
+        return self.scheduler.abort(request_id) is not None
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Every position's logits `[B, S, V]`, each row a separate sequence (stateless)."""

@@ -23,7 +23,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # in [-2, 2]: subtracted per occurrence in the output
     seed: int | None = None  # per-request random seed for sampling
     stop_token_ids: tuple[int, ...] = ()  # finish when one of these is generated (kept in the output)
-    stop: tuple[str, ...] = ()  # not supported yet: must be empty
+    stop: tuple[str, ...] = ()  # finish when the text holds one of these (needs a tokenizer); text ends before it
     ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens
     num_beams: int = 1  # not supported yet: must stay 1
     length_penalty: float = 1.0  # beam search only
@@ -53,7 +53,9 @@ class SamplingParams:
             raise RequestError(f"num_beams must be at least 1, got {self.num_beams}")
         if self.n < 1:
             raise RequestError(f"n must be at least 1, got {self.n}")
-        unsupported = {"stop": (tuple(self.stop), ()), "num_beams": (self.num_beams, 1), "n": (self.n, 1)}
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise RequestError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        unsupported = {"num_beams": (self.num_beams, 1), "n": (self.n, 1)}
         for name, (value, default) in unsupported.items():
             if value != default:
                 raise RequestError(f"SamplingParams.{name}={value!r} is not supported yet (leave it at {default!r})")

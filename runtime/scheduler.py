@@ -203,17 +203,18 @@ class Scheduler:
                 f"shorten it or give the KV cache more memory"
             )
 
-    def abort(self, request_id: str) -> bool:
-        """Finish a request now with "abort", freeing its blocks; False if no such unfinished request."""
+    def abort(self, request_id: str, reason: str = "abort") -> Request | None:
+        """Finish a request now with `reason` ("abort", or "stop" for a stop string the caller
+        found), freeing its blocks; returns it, or None if no such unfinished request."""
         request = self._requests.get(request_id)
         if request is None:
-            return False
+            return None
         if request.status is RequestStatus.RUNNING:
             self._running.remove(request)
         else:
             self._waiting.remove(request)
-        self._finish(request, "abort")
-        return True
+        self._finish(request, reason)
+        return request
 
     # -- one step --------------------------------------------------------------------------
 

@@ -201,7 +201,7 @@ def test_abort_frees_blocks_at_once():
     assert running.status is RequestStatus.FINISHED and running.block_ids == []
     assert scheduler.update(batch, {"r0": 1}) == []  # the step that was in flight is ignored
     assert not scheduler.has_unfinished() and scheduler.num_running == scheduler.num_waiting == 0
-    assert scheduler.abort("r0") is False and scheduler.abort("nope") is False
+    assert scheduler.abort("r0") is None and scheduler.abort("nope") is None
     assert scheduler.schedule().sequences == ()
 
 
