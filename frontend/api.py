@@ -94,7 +94,8 @@ class CompiledModel:
         return self.runtime.logits(input_ids)
 
     def generate(self, prompts, sampling_params: SamplingParams | None = None, **hf_kwargs):
-        """Lists of token ids (or strings, with a tokenizer) -> `list[GenerationOutput]`;
+        """Lists of token ids (or strings, with a tokenizer) -> `list[GenerationOutput]`, one per
+        prompt (n per prompt, one after another, when `sampling_params.n > 1`);
         a `[B, S]` tensor plus transformers' keyword arguments -> a `[B, S + new]` tensor."""
         if isinstance(prompts, torch.Tensor):
             if sampling_params is not None:

@@ -7,6 +7,7 @@ leave (in-flight batching).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -36,6 +37,13 @@ class RuntimeConfig:
         if self.num_blocks is not None:
             return self.num_blocks
         return self.max_batch_size * math.ceil(self.max_seq_len / self.block_size)
+
+
+def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample `index` of a request for n samples: one sample, its seed (if any) offset by index
+    so that the samples differ and each reproduces."""
+    seed = None if params.seed is None else params.seed + index
+    return dataclasses.replace(params, n=1, seed=seed)
 
 
 @dataclass
@@ -73,6 +81,8 @@ class LLMEngine:
         """Queue a request; it joins the running batch at the next step. Returns its id."""
         params.validate()
         self.check_prompt(prompt_token_ids)
+        if params.n > 1:
+            raise RequestError(f"n={params.n}: a request is one sample; generate() runs n of them")
         if params.stop and self.detokenize is None:
             raise RequestError("SamplingParams.stop needs a tokenizer: compile(model, tokenizer=...)")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -136,12 +146,14 @@ class LLMEngine:
                                 top_logprobs=state.top_logprobs)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[GenerationOutput]:
-        """Run `prompts` to completion; outputs in the order of `prompts`."""
+        """Run `prompts` to completion; outputs in the order of `prompts`, and where a prompt
+        asks for n > 1 samples, its n outputs one after another (`sample_index` 0 .. n-1)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         for prompt, p in zip(prompts, params_list):  # validate all before queueing any
             p.validate()
             self.check_prompt(prompt)
-        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
+        samples = [(prompt, p, j) for prompt, p in zip(prompts, params_list) for j in range(p.n)]
+        ids = [self.add_request(prompt, _sample_params(p, j)) for prompt, p, j in samples]
         try:
             while not all(i in self._outputs for i in ids):
                 self._step_and_keep()
@@ -149,7 +161,10 @@ class LLMEngine:
             for request_id in ids:  # an error mid-way must not leak blocks
                 if request_id not in self._outputs:
                     self.abort(request_id)
-        return [self._outputs.pop(i) for i in ids]
+        outputs = [self._outputs.pop(i) for i in ids]
+        for out, (_, _, j) in zip(outputs, samples):
+            out.sample_index = j
+        return outputs
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams) -> Iterator[int]:
         """Run one request, yielding each generated token as soon as its step is done.

@@ -27,7 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens
     num_beams: int = 1  # not supported yet: must stay 1
     length_penalty: float = 1.0  # beam search only
-    n: int = 1  # not supported yet: must stay 1
+    n: int = 1  # samples per prompt (generate returns n outputs per prompt, one after another)
     logprobs: int | None = None  # None: none; k in [0, 20]: each token's log-probability and the top k
 
     def validate(self) -> None:
@@ -55,7 +55,7 @@ class SamplingParams:
             raise RequestError(f"n must be at least 1, got {self.n}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
-        unsupported = {"num_beams": (self.num_beams, 1), "n": (self.n, 1)}
+        unsupported = {"num_beams": (self.num_beams, 1)}
         for name, (value, default) in unsupported.items():
             if value != default:
                 raise RequestError(f"SamplingParams.{name}={value!r} is not supported yet (leave it at {default!r})")
@@ -72,3 +72,4 @@ class GenerationOutput:
     finish_reason: str | None = None  # "stop" (a stop or EOS token), "length" or "abort"
     logprobs: list[float] | None = None  # log-probability of each generated token, when asked
     top_logprobs: list[dict[int, float]] | None = None  # per token, the `logprobs` most likely tokens
+    sample_index: int = 0  # which of the prompt's n samples this is

@@ -99,3 +99,17 @@ def test_stream_checks_its_request_before_the_first_token():
         llm.stream(PROMPTS[0], trtllm.SamplingParams(temperature=-1.0))
     with pytest.raises(trtllm.RequestError, match="outside the vocabulary"):
         llm.stream([10**6], trtllm.SamplingParams())
+
+
+def test_n_samples_per_prompt():
+    llm = trtllm.compile(make_model("llama"), dtype="fp32", max_batch_size=8)
+    params = trtllm.SamplingParams(max_new_tokens=10, temperature=1.0, seed=5, n=3, ignore_eos=True)
+    outputs = llm.generate([PROMPTS[1], PROMPTS[3]], params)
+    assert [o.sample_index for o in outputs] == [0, 1, 2, 0, 1, 2]
+    assert [o.prompt_token_ids for o in outputs] == [PROMPTS[1]] * 3 + [PROMPTS[3]] * 3
+    for out in outputs:  # sample j is the one-sample request with seed 5 + j
+        one = trtllm.SamplingParams(max_new_tokens=10, temperature=1.0, seed=5 + out.sample_index, ignore_eos=True)
+        assert out.token_ids == llm.generate([out.prompt_token_ids], one)[0].token_ids
+    assert len({tuple(o.token_ids) for o in outputs[:3]}) == 3
+    with pytest.raises(trtllm.RequestError, match="n=3"):
+        llm.stream(PROMPTS[1], params)
