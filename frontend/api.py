@@ -194,6 +194,7 @@ def _runtime_config(engine: Engine, config: BuildConfig) -> RuntimeConfig:
     return RuntimeConfig(
         max_batch_size=config.max_batch_size, max_num_tokens=config.max_num_tokens, max_seq_len=max_seq_len,
         block_size=config.block_size, num_blocks=_num_blocks(engine, config, max_seq_len),
+        cuda_graphs=config.cuda_graphs, decode_steps=config.decode_steps,
     )
 
 

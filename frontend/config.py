@@ -25,7 +25,8 @@ class BuildConfig:
     block_size: int = 32  # tokens per KV-cache block
     tensor_parallel: int = 1  # GPUs per model (only 1 for now)
     backend: str = "native"  # "native" (our kernels and torch) or "tensorrt"
-    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (arrives with the runtime issue)
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs captured at compile time (GPU only)
+    decode_steps: int = 8  # decode steps run back to back on the device between host syncs (1: every token)
     device: str | None = None  # None: "cuda" if available, else "cpu"
 
     def torch_dtype(self) -> torch.dtype:
@@ -49,7 +50,7 @@ class BuildConfig:
             raise ConfigError("backend='tensorrt' is not built yet; use backend='native'")
         if self.tensor_parallel != 1:
             raise ConfigError(f"tensor_parallel={self.tensor_parallel} is not supported yet; use 1")
-        for name in ("max_batch_size", "max_num_tokens", "block_size"):
+        for name in ("max_batch_size", "max_num_tokens", "block_size", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_seq_len is not None and self.max_seq_len < 2:

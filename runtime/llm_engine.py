@@ -8,6 +8,7 @@ leave (in-flight batching).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -20,9 +21,9 @@ from trtllm.lowering.engine import Engine
 
 from .kv_cache import KVCachePool
 from .model_runner import ModelRunner
-from .sampler import SampleRow, make_generator, sample
+from .sampler import SampleRow, SamplingBatch, has_penalty, make_generator, sample, sample_tokens
 from .sampling_params import GenerationOutput, SamplingParams
-from .scheduler import Request, ScheduledSequence, Scheduler
+from .scheduler import Request, ScheduledBatch, ScheduledSequence, Scheduler
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class RuntimeConfig:
     max_seq_len: int = 2048  # prompt plus generated tokens of one request
     block_size: int = 32  # tokens per KV-cache block
     num_blocks: int | None = None  # KV-cache blocks (None: enough for max_batch_size full sequences)
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (on a GPU)
+    decode_steps: int = 8  # decode steps run back to back between host syncs (1: sync every token)
 
     def blocks(self) -> int:
         if self.num_blocks is not None:
@@ -44,6 +47,12 @@ def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
     so that the samples differ and each reproduces."""
     seed = None if params.seed is None else params.seed + index
     return dataclasses.replace(params, n=1, seed=seed)
+
+
+def _burstable(params: SamplingParams) -> bool:
+    """A request whose tokens need nothing from the host between steps: no penalties (they
+    read the tokens so far), no logprobs, no stop strings (they read the text)."""
+    return not (has_penalty(params) or params.logprobs is not None or params.stop)
 
 
 @dataclass
@@ -65,6 +74,8 @@ class LLMEngine:
             raise ConfigError(
                 f"max_seq_len={config.max_seq_len} exceeds the model's {spec.max_position_embeddings} positions"
             )
+        if config.decode_steps < 1:
+            raise ConfigError(f"decode_steps must be at least 1, got {config.decode_steps}")
         self.engine = engine
         self.config = config
         self.detokenize = detokenize
@@ -72,7 +83,8 @@ class LLMEngine:
                                 spec.head_dim, engine.dtype, engine.device)
         self.scheduler = Scheduler(config.block_size, self.pool.num_blocks, config.max_batch_size,
                                    config.max_num_tokens, config.max_seq_len)
-        self.runner = ModelRunner(engine, self.pool)
+        self.runner = ModelRunner(engine, self.pool, config.max_batch_size, config.max_seq_len, config.cuda_graphs)
+        self.runner.capture()
         self._requests: dict[str, _RequestState] = {}
         self._outputs: dict[str, GenerationOutput] = {}  # finished, not yet handed to their caller
         self._ids = itertools.count()
@@ -112,16 +124,29 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.sequences:
             return []
-        logits = self.runner.execute(batch)  # [N, V]
         sampling = [s for s in batch.sequences if s.samples]
         states = [self._requests[s.request_id] for s in sampling]
-        sampled = sample(logits, [state.row for state in states])
+        rows = [state.row for state in states]
+        if self.config.decode_steps > 1 and all(_burstable(row.params) for row in rows):
+            batch, num_steps = self.scheduler.extend_decodes(batch, self.config.decode_steps)
+            if num_steps > 1:
+                return self._burst(batch, num_steps, rows)
+        logits = self.runner.execute(batch)  # [N, V]
+        sampled = sample(logits, rows)
         for state, logprob, top in zip(states, sampled.logprobs, sampled.top_logprobs):
             if state.logprobs is not None:
                 state.logprobs.append(logprob)
                 state.top_logprobs.append(top)
         finished = self.scheduler.update(batch, {s.request_id: t for s, t in zip(sampling, sampled.token_ids)})
         finished += self._stop_strings([s.request_id for s in sampling])
+        return [self._finish(r) for r in finished]
+
+    def _burst(self, batch: ScheduledBatch, num_steps: int, rows: list[SampleRow]) -> list[GenerationOutput]:
+        """num_steps decode steps back to back on the device; the host reads the tokens once."""
+        tokens = self.runner.decode(batch.sequences, num_steps,
+                                    functools.partial(sample_tokens, batch=SamplingBatch.build(rows, self.engine.device)))
+        per_request = tokens.T.tolist()  # [n][num_steps]
+        finished = self.scheduler.update(batch, {s.request_id: t for s, t in zip(batch.sequences, per_request)})
         return [self._finish(r) for r in finished]
 
     def _stop_strings(self, request_ids: list[str]) -> list[Request]:

@@ -30,6 +30,7 @@ any other request is never failed because the cache is full.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import enum
 from collections import deque
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class ScheduledSequence:
     token_ids: list[int]  # tokens fed this step: all_token_ids[context_len - len(token_ids):context_len]
     positions: list[int]  # their positions, consecutive, ending at context_len - 1
     context_len: int  # tokens in the cache after this step: num_computed_tokens + len(token_ids)
-    block_ids: list[int]  # block table, exactly ceil(context_len / block_size) blocks
+    block_ids: list[int]  # block table: ceil(context_len / block_size) blocks (more in a burst)
     is_prefill: bool  # False only for a decode: one token fed, the last generated one
     samples: bool  # this step reaches the end of the known tokens, so it yields the next token
 
@@ -312,12 +313,41 @@ class Scheduler:
         step.scheduled_ids.add(request.request_id)
         step.token_budget -= num_new
 
+    def extend_decodes(self, batch: ScheduledBatch, num_steps: int) -> tuple[ScheduledBatch, int]:
+        """Let a batch of decodes run up to `num_steps` steps back to back (a burst).
+
+        Each request gets blocks for num_steps - 1 more tokens of context. Fewer steps are
+        granted when a request has fewer tokens left to generate or the free blocks fall short
+        (nothing is preempted for a burst), and a single step while waiting requests could join
+        the batch (they should not wait for a burst). Returns the batch with its longer block
+        tables, and the steps granted."""
+        if batch.num_prefills or (self._waiting and len(self._running) < self.max_batch_size):
+            return batch, 1
+        requests = [self._requests[s.request_id] for s in batch.sequences]
+        num_steps = min([num_steps] + [r.max_new_tokens - len(r.output_token_ids) for r in requests])
+
+        def blocks_needed(steps: int) -> list[int]:  # context after the burst: num_tokens + steps - 1
+            return [_cdiv(r.num_tokens + steps - 1, self.block_size) - len(r.block_ids) for r in requests]
+
+        while num_steps > 1 and sum(max(0, n) for n in blocks_needed(num_steps)) > self._allocator.num_free:
+            num_steps -= 1
+        if num_steps <= 1:
+            return batch, 1
+        for request, needed in zip(requests, blocks_needed(num_steps)):
+            if needed > 0:
+                request.block_ids += self._allocator.allocate(needed)
+        sequences = tuple(dataclasses.replace(s, block_ids=list(r.block_ids))
+                          for s, r in zip(batch.sequences, requests))
+        return ScheduledBatch(sequences), num_steps
+
     # -- after the forward pass ------------------------------------------------------------
 
-    def update(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Request]:
+    def update(self, batch: ScheduledBatch, sampled: dict[str, int | list[int]]) -> list[Request]:
         """Record a step: advance the cache, append sampled tokens, finish and free what is done.
 
-        `sampled` maps the id of every sequence with `samples=True` to its new token. Returns the
+        `sampled` maps the id of every sequence with `samples=True` to its new token, or after a
+        burst (`extend_decodes`) to the burst's tokens in order: each but the last was fed to
+        the next step; tokens after one that finishes the request are dropped. Returns the
         requests that finished in this update. Sequences aborted since `schedule()` are skipped.
         """
         finished: list[Request] = []
@@ -330,13 +360,16 @@ class Scheduler:
             if not sequence.samples:
                 continue
             assert sequence.request_id in sampled, f"no sampled token for {sequence.request_id!r}"
-            token_id = sampled[sequence.request_id]
-            request.output_token_ids.append(token_id)
-            reason = _finish_reason(request, token_id)
-            if reason is not None:
-                self._running.remove(request)
-                self._finish(request, reason)
-                finished.append(request)
+            tokens = sampled[sequence.request_id]
+            for i, token_id in enumerate([tokens] if isinstance(tokens, int) else tokens):
+                request.num_computed_tokens += i > 0  # the burst fed the previous token
+                request.output_token_ids.append(token_id)
+                reason = _finish_reason(request, token_id)
+                if reason is not None:
+                    self._running.remove(request)
+                    self._finish(request, reason)
+                    finished.append(request)
+                    break
         return finished
 
     def _finish(self, request: Request, reason: str) -> None:

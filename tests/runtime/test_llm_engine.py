@@ -30,14 +30,17 @@ def test_chunked_prefill_and_preemption_keep_tokens():
     assert scheduler.num_free_blocks == 12
 
 
-def test_requests_join_the_running_batch():
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_requests_join_the_running_batch(decode_steps):
     model = make_model("llama")
-    llm = trtllm.compile(model, dtype="fp32", max_batch_size=4)
+    llm = trtllm.compile(model, dtype="fp32", max_batch_size=4, decode_steps=decode_steps)
     engine = llm.runtime
     params = trtllm.SamplingParams(max_new_tokens=12, ignore_eos=True)
     first = engine.add_request(PROMPTS[2], params)
-    for _ in range(3):
-        engine.step()
+    for _ in range(2):  # the prefill, then one decode step (or burst of decode_steps)
+        assert engine.step() == []
+    made = len(engine.scheduler._requests[first].output_token_ids)
+    assert made == 1 + decode_steps
     second = engine.add_request(PROMPTS[1], params)  # joins while the first is decoding
     done = {}
     while engine.has_unfinished():
