@@ -17,6 +17,7 @@ from trtllm.lowering.engine import Engine, prepare_weights
 from trtllm.lowering.fold import fold_weights
 from trtllm.runtime.kv_cache import KVCachePool
 from trtllm.runtime.llm_engine import LLMEngine, RuntimeConfig
+from trtllm.runtime.model_runner import measure_activation_peak
 from trtllm.runtime.sampling_params import SamplingParams
 
 from .config import BuildConfig
@@ -93,9 +94,9 @@ class CompiledModel:
             raise RequestError(f"input has {input_ids.shape[1]} tokens, beyond max_seq_len={self.max_seq_len}")
         return self.runtime.logits(input_ids)
 
-    def generate(self, prompts, sampling_params: SamplingParams | None = None, **hf_kwargs):
-        """Lists of token ids (or strings, with a tokenizer) -> `list[GenerationOutput]`, one per
-        prompt (n per prompt, one after another, when `sampling_params.n > 1`);
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, **hf_kwargs):
+        """Lists of token ids (or strings, with a tokenizer) and one `SamplingParams` for all or
+        one per prompt -> `list[GenerationOutput]`, one per prompt (n per prompt, one after another, when `sampling_params.n > 1`);
         a `[B, S]` tensor plus transformers' keyword arguments -> a `[B, S + new]` tensor."""
         if isinstance(prompts, torch.Tensor):
             if sampling_params is not None:
@@ -103,12 +104,15 @@ class CompiledModel:
             return self._generate_tensor(prompts, **hf_kwargs)
         if hf_kwargs:
             raise RequestError(f"keyword arguments {sorted(hf_kwargs)} go with tensor prompts; use SamplingParams")
-        params = sampling_params or SamplingParams()
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise RequestError("prompts must be a non-empty list of token-id lists (or strings)")
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
+            raise RequestError("sampling_params must be one SamplingParams, or a list of them with one per prompt")
         token_lists = [self._encode(p) for p in prompts]
-        for ids in token_lists:
-            self._check_length(ids, params.max_new_tokens)
+        for ids, p in zip(token_lists, params):
+            self._check_length(ids, p.max_new_tokens)
         outputs = self.runtime.generate(token_lists, params)
         if self.tokenizer is not None:
             for out in outputs:
@@ -198,12 +202,13 @@ def _runtime_config(engine: Engine, config: BuildConfig) -> RuntimeConfig:
     )
 
 
-GPU_HEADROOM = 0.9  # the default pool takes at most this share of the free GPU memory
+GPU_HEADROOM = 0.9  # the default pool takes at most this share of the GPU memory left
 
 
 def _num_blocks(engine: Engine, config: BuildConfig, max_seq_len: int) -> int:
-    """KV blocks from `kv_cache_memory` (bytes, or a fraction of the free GPU memory); by
-    default enough for `max_batch_size` full sequences, within the GPU's free memory."""
+    """KV blocks from `kv_cache_memory`: bytes, or a fraction of the GPU memory left once the
+    weights are loaded and the activations of the largest step (measured) have room; by
+    default enough for `max_batch_size` full sequences, within 90% of that memory."""
     spec = engine.spec
     per_block = KVCachePool.bytes_per_block(spec.num_layers, spec.num_kv_heads, config.block_size,
                                             spec.head_dim, engine.dtype)
@@ -211,15 +216,16 @@ def _num_blocks(engine: Engine, config: BuildConfig, max_seq_len: int) -> int:
     budget = config.kv_cache_memory
     if isinstance(budget, float) and engine.device.type != "cuda":
         raise ConfigError("kv_cache_memory as a fraction needs a GPU; give a number of bytes on CPU")
-    if budget is None:
-        blocks = config.max_batch_size * per_sequence
-        if engine.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(engine.device)
-            blocks = min(blocks, int(free * GPU_HEADROOM) // per_block)
+    if isinstance(budget, int):
+        blocks = budget // per_block
+    elif engine.device.type == "cuda":
+        peak = measure_activation_peak(engine, config.max_num_tokens, config.max_batch_size, config.block_size)
+        left = torch.cuda.mem_get_info(engine.device)[0] - peak
+        blocks = int(left * (budget or GPU_HEADROOM)) // per_block
+        if budget is None:
+            blocks = min(blocks, config.max_batch_size * per_sequence)
     else:
-        if isinstance(budget, float):
-            budget = torch.cuda.mem_get_info(engine.device)[0] * budget
-        blocks = int(budget) // per_block
+        blocks = config.max_batch_size * per_sequence
     if blocks < per_sequence:
         raise ConfigError(
             f"the KV cache holds {blocks} blocks of {per_block} bytes, fewer than one {max_seq_len}-token "

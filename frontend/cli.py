@@ -1,10 +1,13 @@
-"""The `trtllm` command: `run` (compile and generate next to eager transformers) and `build`
-(compile and save an engine). `bench` and `serve` arrive with their issues."""
+"""The `trtllm` command: `run` (compile and generate next to eager transformers), `build`
+(compile and save an engine) and `bench` (speed against transformers and the roofline).
+`serve` arrives with its issue."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 import time
 
 import torch
@@ -107,6 +110,48 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _throughput_spec(text: str) -> tuple[tuple[int, int, int], ...]:
+    """'128/128x256,2048/128x64' -> ((128, 128, 256), (2048, 128, 64))."""
+    try:
+        specs = []
+        for item in text.split(","):
+            lengths, requests = item.split("x")
+            input_len, output_len = lengths.split("/")
+            specs.append((int(input_len), int(output_len), int(requests)))
+        return tuple(specs)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give INPUT/OUTPUTxREQUESTS, comma-separated, "
+                                         "e.g. 128/128x256,2048/128x64") from None
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers") from None
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    if args.replot:
+        results = json.loads(Path(args.replot).read_text())
+        bench.plot(results, args.plot or Path(args.replot).with_suffix(".png"))
+        return 0
+    results = []
+    for name in args.model.split(","):
+        config = bench.BenchConfig(
+            model=name, dtype=args.dtype or _default_dtype(args.device), device=args.device,
+            new_tokens=args.new_tokens, ttft_lengths=args.ttft, throughput=args.throughput,
+            baselines=tuple(b for b in args.baselines.split(",") if b), repeats=args.repeats,
+            max_num_tokens=args.max_num_tokens)
+        results.append(bench.run_bench(config))
+        print(bench.summary(results[-1]), flush=True)
+        bench.write(results, args.out, None)  # each model's results are kept as soon as they exist
+    bench.write(results, args.out, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trtllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,7 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-batch-size", type=int, default=8)
     build.add_argument("--max-seq-len", type=int, default=None)
     build.set_defaults(func=cmd_build)
-    for sub in (run, build):
+    bench = commands.add_parser("bench", help="decode speed, time to first token and throughput of a built-in "
+                                "shape, next to transformers and the copy-bandwidth roofline")
+    bench.add_argument("--model", default="llama-3-8b",
+                       help="built-in shape(s), comma-separated: tiny, llama-3.2-1b, llama-3-8b")
+    bench.add_argument("--new-tokens", type=int, default=256, help="batch-1 decode length")
+    bench.add_argument("--ttft", type=_int_list, default=(128, 2048), help="prompt lengths for time to first token")
+    bench.add_argument("--throughput", type=_throughput_spec, default=((128, 128, 256), (2048, 128, 64)),
+                       help="INPUT/OUTPUTxREQUESTS, comma-separated (default 128/128x256,2048/128x64)")
+    bench.add_argument("--baselines", default="hf-eager,hf-compile",
+                       help="any of hf-eager, hf-compile (comma-separated; empty for none)")
+    bench.add_argument("--repeats", type=int, default=3, help="runs of each timing (the median is kept)")
+    bench.add_argument("--max-num-tokens", type=int, default=8192, help="tokens per forward pass")
+    bench.add_argument("--out", help="write the results as JSON here")
+    bench.add_argument("--plot", help="write a PNG plot here")
+    bench.add_argument("--replot", help="only redraw the plot of a JSON file written by --out")
+    bench.set_defaults(func=cmd_bench)
+    for sub in (run, build, bench):
         sub.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on a GPU, fp32 on CPU")
         sub.add_argument("--device", help="default: cuda if available, else cpu")
     return parser

@@ -21,7 +21,7 @@ class BuildConfig:
     max_seq_len: int | None = None  # prompt + generated tokens (None: the model's positions, at most 2048)
     max_num_tokens: int = 2048  # tokens in one step; longer prompts are split
     kv_cache_dtype: str | None = None  # None: the compute dtype
-    kv_cache_memory: int | float | None = None  # bytes, or a fraction of free GPU memory (None: enough for max_batch_size full sequences)
+    kv_cache_memory: int | float | None = None  # bytes, or a fraction of the GPU memory left after weights and the measured activation peak (None: enough for max_batch_size full sequences, within 90% of it)
     block_size: int = 32  # tokens per KV-cache block
     tensor_parallel: int = 1  # GPUs per model (only 1 for now)
     backend: str = "native"  # "native" (our kernels and torch) or "tensorrt"

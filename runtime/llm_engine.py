@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -47,6 +48,45 @@ def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
     so that the samples differ and each reproduces."""
     seed = None if params.seed is None else params.seed + index
     return dataclasses.replace(params, n=1, seed=seed)
+
+
+class StepTiming:
+    """One engine step's wall time, and the span of its device work (CUDA events from the
+    first launch to the last, read later so that timing adds no sync). wall - device is the
+    host's exposed time: scheduling, input preparation, sampling bookkeeping."""
+
+    def __init__(self, device: torch.device):
+        self.kind: str | None = None  # "prefill" (any prefill in the batch) or "decode"; None: empty step
+        self.num_sequences = self.num_tokens = 0
+        self.num_steps = 1  # forward passes (a burst runs several)
+        self._start_wall = time.perf_counter()
+        self.wall_s = 0.0
+        cuda = device.type == "cuda"
+        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
+        self._device_s: float | None = None
+
+    def start_device(self, batch: ScheduledBatch) -> None:
+        self.kind = "prefill" if batch.num_prefills else "decode"
+        self.num_sequences, self.num_tokens = len(batch.sequences), batch.num_tokens
+        self._device_start = time.perf_counter()
+        if self._events is not None:
+            self._events[0].record()
+
+    def stop_device(self) -> None:
+        if self._events is not None:
+            self._events[1].record()
+        else:  # on the CPU the work is done when the call returns
+            self._device_s = time.perf_counter() - self._device_start
+
+    def stop(self) -> None:
+        self.wall_s = time.perf_counter() - self._start_wall
+
+    @property
+    def device_s(self) -> float:
+        if self._device_s is None:
+            self._events[1].synchronize()
+            self._device_s = self._events[0].elapsed_time(self._events[1]) / 1e3
+        return self._device_s
 
 
 def _burstable(params: SamplingParams) -> bool:
@@ -88,6 +128,7 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._outputs: dict[str, GenerationOutput] = {}  # finished, not yet handed to their caller
         self._ids = itertools.count()
+        self.step_timings: list[StepTiming] | None = None  # a list: each step records its timing there
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; it joins the running batch at the next step. Returns its id."""
@@ -121,17 +162,31 @@ class LLMEngine:
 
     def step(self) -> list[GenerationOutput]:
         """Run one batch; returns the requests that finished in it."""
+        if self.step_timings is None:
+            return self._step()
+        timing = StepTiming(self.engine.device)
+        outputs = self._step(timing)
+        timing.stop()
+        if timing.kind is not None:
+            self.step_timings.append(timing)
+        return outputs
+
+    def _step(self, timing: StepTiming | None = None) -> list[GenerationOutput]:
         batch = self.scheduler.schedule()
         if not batch.sequences:
             return []
+        if timing is not None:
+            timing.start_device(batch)
         sampling = [s for s in batch.sequences if s.samples]
         states = [self._requests[s.request_id] for s in sampling]
         rows = [state.row for state in states]
         if self.config.decode_steps > 1 and all(_burstable(row.params) for row in rows):
             batch, num_steps = self.scheduler.extend_decodes(batch, self.config.decode_steps)
             if num_steps > 1:
-                return self._burst(batch, num_steps, rows)
+                return self._burst(batch, num_steps, rows, timing)
         logits = self.runner.execute(batch)  # [N, V]
+        if timing is not None:
+            timing.stop_device()
         sampled = sample(logits, rows)
         for state, logprob, top in zip(states, sampled.logprobs, sampled.top_logprobs):
             if state.logprobs is not None:
@@ -141,10 +196,14 @@ class LLMEngine:
         finished += self._stop_strings([s.request_id for s in sampling])
         return [self._finish(r) for r in finished]
 
-    def _burst(self, batch: ScheduledBatch, num_steps: int, rows: list[SampleRow]) -> list[GenerationOutput]:
+    def _burst(self, batch: ScheduledBatch, num_steps: int, rows: list[SampleRow],
+               timing: StepTiming | None) -> list[GenerationOutput]:
         """num_steps decode steps back to back on the device; the host reads the tokens once."""
         tokens = self.runner.decode(batch.sequences, num_steps,
                                     functools.partial(sample_tokens, batch=SamplingBatch.build(rows, self.engine.device)))
+        if timing is not None:
+            timing.num_steps = num_steps
+            timing.stop_device()
         per_request = tokens.T.tolist()  # [n][num_steps]
         finished = self.scheduler.update(batch, {s.request_id: t for s, t in zip(batch.sequences, per_request)})
         return [self._finish(r) for r in finished]

@@ -116,3 +116,45 @@ def test_n_samples_per_prompt():
     assert len({tuple(o.token_ids) for o in outputs[:3]}) == 3
     with pytest.raises(trtllm.RequestError, match="n=3"):
         llm.stream(PROMPTS[1], params)
+
+
+def test_bursts_and_padded_buckets_give_the_tokens_of_single_steps():
+    model = make_model("llama")
+    one = trtllm.compile(model, dtype="fp32", max_batch_size=6, decode_steps=1)
+    burst = trtllm.compile(model, dtype="fp32", max_batch_size=6, decode_steps=5)
+    assert burst.runtime.runner.buckets == [1, 2, 4, 6]
+    params = [trtllm.SamplingParams(max_new_tokens=13, ignore_eos=True),
+              trtllm.SamplingParams(max_new_tokens=11, temperature=0.8, top_k=20, top_p=0.9, seed=4, ignore_eos=True),
+              trtllm.SamplingParams(max_new_tokens=9, temperature=1.2, min_p=0.05, seed=5, ignore_eos=True)]
+    prompts = PROMPTS[:3]  # three decodes ride in the padded bucket of 4
+    expected = [o.token_ids for o in one.generate(prompts, params)]
+    assert [o.token_ids for o in burst.generate(prompts, params)] == expected
+    assert expected[0] == _hf(model, prompts[0], 13)
+    assert burst.runtime.scheduler.num_free_blocks == burst.runtime.pool.num_blocks
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_replay_the_eager_steps():
+    model = make_model("llama").cuda()
+    kwargs = dict(dtype="bf16", max_batch_size=6, device="cuda")
+    graphs = trtllm.compile(model, **kwargs)
+    eager = trtllm.compile(model, cuda_graphs=False, **kwargs)
+    assert graphs.runtime.runner.num_graphs == 4 and eager.runtime.runner.num_graphs == 0
+    params = [trtllm.SamplingParams(max_new_tokens=20, ignore_eos=True),
+              trtllm.SamplingParams(max_new_tokens=17, temperature=0.8, top_p=0.9, seed=4, ignore_eos=True),
+              trtllm.SamplingParams(max_new_tokens=9, temperature=1.0, top_k=5, seed=5, ignore_eos=True)]
+    expected = [o.token_ids for o in eager.generate(PROMPTS[:3], params)]
+    assert [o.token_ids for o in graphs.generate(PROMPTS[:3], params)] == expected
+    # one step at a time through the graphs gives the same tokens as bursts
+    single = trtllm.compile(model, decode_steps=1, **kwargs)
+    assert [o.token_ids for o in single.generate(PROMPTS[:3], params)] == expected
+
+
+@pytest.mark.gpu
+def test_kv_cache_memory_leaves_room_for_the_measured_activations():
+    model = make_model("llama").cuda()
+    llm = trtllm.compile(model, dtype="bf16", device="cuda", kv_cache_memory=0.05)
+    per_block = llm.runtime.pool.buffer[:, 0].numel() * 2
+    free, _ = torch.cuda.mem_get_info()
+    assert llm.runtime.pool.num_blocks * per_block <= 0.06 * (free + llm.runtime.pool.buffer.numel() * 2)
+    assert llm.generate([PROMPTS[2]], trtllm.SamplingParams(max_new_tokens=4))[0].token_ids

@@ -48,6 +48,21 @@ class FakeModel:
         return sampled
 
 
+    def burst(self, batch: ScheduledBatch, num_steps: int) -> dict[str, list[int]]:
+        """num_steps decode steps, each feeding the tokens the last one sampled (as the runner's
+        device-side loop does): every token is written at the slot its block table gives."""
+        tokens = {s.request_id: [] for s in batch.sequences}
+        for step in range(num_steps):
+            for seq in batch.sequences:
+                position = seq.context_len - 1 + step
+                fed = tokens[seq.request_id][-1] if step else seq.token_ids[0]
+                self.slots[self._slot(seq.block_ids, position)] = fed
+                context = [self.slots[self._slot(seq.block_ids, p)] for p in range(position + 1)]
+                assert None not in context
+                tokens[seq.request_id].append(next_token(context))
+        return tokens
+
+
 def check_batch(batch: ScheduledBatch, scheduler: Scheduler) -> None:
     sequences = batch.sequences
     assert len(sequences) <= scheduler.max_batch_size
@@ -173,6 +188,68 @@ def test_random_workloads_under_pressure():
         requests = make_requests(specs, seed=seed, stop=frozenset({rng.randrange(50)}))
         run(scheduler, requests)
         assert_outputs_match_reference(requests)
+
+
+def test_random_arrivals_and_bursts_keep_tokens_and_free_every_block():
+    for seed in range(20):
+        rng = random.Random(100 + seed)
+        block_size = rng.choice([1, 2, 4, 8])
+        max_seq_len = 40
+        num_blocks = rng.randint(-(-max_seq_len // block_size), 3 * max_seq_len // block_size)
+        scheduler = Scheduler(block_size, num_blocks, rng.randint(1, 6), rng.randint(1, 24), max_seq_len)
+        model = FakeModel(block_size, num_blocks)
+        specs = [(rng.randint(1, 25), rng.randint(1, 15)) for _ in range(rng.randint(1, 12))]
+        pending = make_requests(specs, seed=seed, stop=frozenset({rng.randrange(50)}))
+        requests, steps, bursts = list(pending), 0, 0
+        while pending or scheduler.has_unfinished():
+            steps += 1
+            assert steps < 5000, "no progress"
+            while pending and rng.random() < 0.3:  # arrivals at random steps
+                scheduler.add_request(pending.pop(0))
+            batch = scheduler.schedule()
+            if not batch.sequences:
+                continue
+            check_batch(batch, scheduler)
+            batch, num_steps = scheduler.extend_decodes(batch, rng.randint(1, 6))
+            if num_steps > 1:
+                bursts += 1
+                for seq in batch.sequences:  # blocks for the whole burst
+                    assert len(seq.block_ids) >= -(-(seq.context_len + num_steps - 1) // block_size)
+                scheduler.update(batch, model.burst(batch, num_steps))
+            else:
+                scheduler.update(batch, model.step(batch))
+        assert scheduler.num_free_blocks == num_blocks
+        assert_outputs_match_reference(requests)
+        assert bursts > 0 or len(requests) == 1
+
+
+def test_burst_waits_for_nobody_and_respects_limits():
+    scheduler = Scheduler(4, 64, 4, 64, 64)
+    model = FakeModel(4, 64)
+    first, second = make_requests([(3, 20), (2, 3)])
+    scheduler.add_request(first)
+    batch = scheduler.schedule()
+    scheduler.update(batch, model.step(batch))  # the prefill
+    scheduler.add_request(second)
+    batch = scheduler.schedule()  # first decodes, second prefills: no burst with a prefill
+    assert scheduler.extend_decodes(batch, 8) == (batch, 1)
+    scheduler.update(batch, model.step(batch))
+    batch = scheduler.schedule()  # two decodes; second has 2 tokens left: a burst of 2
+    batch, num_steps = scheduler.extend_decodes(batch, 8)
+    assert num_steps == 2
+    scheduler.update(batch, model.burst(batch, num_steps))
+    assert second.status is RequestStatus.FINISHED and len(second.output_token_ids) == 3
+    batch = scheduler.schedule()  # first decodes alone
+    third = make_requests([(2, 3)], seed=1)[0]
+    third.request_id = "third"
+    scheduler.add_request(third)  # arrives before the step runs: it joins at the next one
+    assert scheduler.extend_decodes(batch, 8) == (batch, 1)
+    scheduler.update(batch, model.step(batch))
+    while scheduler.has_unfinished():
+        batch, num_steps = scheduler.extend_decodes(scheduler.schedule(), 8)
+        scheduler.update(batch, model.burst(batch, num_steps) if num_steps > 1 else model.step(batch))
+    assert_outputs_match_reference([first, second, third])
+    assert scheduler.num_free_blocks == 64
 
 
 def test_stop_token_finishes_with_stop_and_is_kept():
