@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import torch
@@ -36,14 +36,27 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
             raise ConfigError(f"patterns must hold trtllm.fusion.Pattern objects, got {type(pattern).__name__}")
     config = BuildConfig(**options)
     config.validate()
-    start = time.perf_counter()
+    stages: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def done(stage: str) -> None:
+        now = time.perf_counter()
+        stages[stage] = round(now - clock[0], 3)
+        clock[0] = now
+
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
+    done("trace")
     reports = run_passes(traced.graph_module, pipeline(patterns))
+    done("fusion")
     weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
     weights = fold_weights(traced.graph_module, weights)
+    done("weights")
     engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
+    done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
     compiled = CompiledModel(engine, config, tokenizer=tokenizer)
-    compiled.compile_seconds = time.perf_counter() - start
+    done("runtime")  # sizing the KV cache, capturing CUDA graphs
+    compiled.compile_seconds = sum(stages.values())
+    compiled.compile_stages = stages
     compiled.pass_reports = reports
     return compiled
 
@@ -70,6 +83,7 @@ class CompiledModel:
         self.config = config
         self.tokenizer = tokenizer
         self.compile_seconds: float | None = None
+        self.compile_stages: dict[str, float] = {}  # seconds per stage of `compile`
         self.pass_reports: list = []
         detokenize = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self.runtime = LLMEngine(engine, _runtime_config(engine, config), detokenize)
@@ -129,6 +143,15 @@ class CompiledModel:
         ids = self._encode(prompt)
         self._check_length(ids, params.max_new_tokens)
         return self.runtime.stream(ids, params)
+
+    def astream(self, prompt, sampling_params: SamplingParams | None = None) -> AsyncIterator[int]:
+        """`stream` for asyncio: `async for token in llm.astream(prompt, params)`. Concurrent
+        streams share the engine's steps; the event loop stays free while a step runs."""
+        params = sampling_params or SamplingParams()
+        params.validate()
+        ids = self._encode(prompt)
+        self._check_length(ids, params.max_new_tokens)
+        return self.runtime.astream(ids, params)
 
     def save(self, path: str | Path) -> None:
         """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer."""
@@ -219,7 +242,8 @@ def _num_blocks(engine: Engine, config: BuildConfig, max_seq_len: int) -> int:
     if isinstance(budget, int):
         blocks = budget // per_block
     elif engine.device.type == "cuda":
-        peak = measure_activation_peak(engine, config.max_num_tokens, config.max_batch_size, config.block_size)
+        peak = measure_activation_peak(engine, config.max_num_tokens, config.max_batch_size, config.block_size,
+                                       max_seq_len)
         left = torch.cuda.mem_get_info(engine.device)[0] - peak
         blocks = int(left * (budget or GPU_HEADROOM)) // per_block
         if budget is None:

@@ -198,6 +198,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     _sync(device)
     result["load_to_first_token_s"] = round(time.perf_counter() - start, 2)
     result["compile_s"] = round(llm.compile_seconds, 2)
+    result["compile_stages_s"] = llm.compile_stages
     result["cuda_graphs"] = llm.runtime.runner.num_graphs
     result["kv_cache_blocks"] = llm.runtime.pool.num_blocks
     assert len(first[0].token_ids) == 1
@@ -277,8 +278,9 @@ def summary(result: dict) -> str:
     if "roofline_tok_s" in result:
         lines.append(f"  copy bandwidth {result['copy_bandwidth_tb_s']} TB/s; decode reads "
                      f"{result['decode_weight_gb']} GB/token: roofline {result['roofline_tok_s']} tok/s")
-    lines.append(f"  loaded model -> first token: {result['load_to_first_token_s']} s (compile {result['compile_s']} s, "
-                 f"{result['cuda_graphs']} CUDA graphs)")
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in result["compile_stages_s"].items())
+    lines.append(f"  loaded model -> first token: {result['load_to_first_token_s']} s (compile {result['compile_s']} s: "
+                 f"{stages}; {result['cuda_graphs']} CUDA graphs)")
 
     def split(run):
         parts = [f"{kind} {run[kind]['device_ms_per_pass']} ms device + {run[kind]['host_ms_per_pass']} ms host "

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
 import torch
 

@@ -115,6 +115,12 @@ def _check_build_args(
                 f"sequence {b}: context_len={ctx} needs {-(-ctx // block_size)} blocks of "
                 f"{block_size}, but its block table has {len(blocks)}"
             )
+    if sum(query_lens) == len(query_lens) and any(n != 1 for n in query_lens):
+        # The kernels read "as many tokens as sequences" as "all decodes" (no host sync).
+        raise ValueError(
+            f"query_lens={query_lens}: a step with as many new tokens as sequences must give "
+            "each sequence exactly one; drop the sequences without new tokens"
+        )
 
 
 # ---------------------------------------------------------------- shared reference math

@@ -519,13 +519,17 @@ def cached_attention_triton(
     [T, Hkv, D], kv_cache [num_blocks, 2, Hkv, bs, D] (written in place) -> [T, H, D]."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     write_kv_triton(kv_cache, k, v, slot_mapping)
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # padding rows stay zero
     num_seqs = seq_lens_kv.shape[0]
+    # As many tokens as sequences: all decodes (AttentionMetadata.build checks it), so every
+    # row is written by the decode kernel and there is no prefill to launch.
+    decodes_only = q.shape[0] == num_seqs
+    out = (torch.empty if decodes_only else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)  # padding rows stay zero
     if num_seqs == 0 or q.shape[0] == 0:
         return out
-    _prefill(q, k, v, out, cu_seqlens_q, seq_lens_kv, kv_cache, block_tables, num_seqs, None,
-             batched=False, scale=scale, causal=causal, sliding_window=sliding_window,
-             softcap=softcap, skip_decodes=True)
+    if not decodes_only:
+        _prefill(q, k, v, out, cu_seqlens_q, seq_lens_kv, kv_cache, block_tables, num_seqs, None,
+                 batched=False, scale=scale, causal=causal, sliding_window=sliding_window,
+                 softcap=softcap, skip_decodes=True)
     # A decode's one query sits last in its context: causal or not, it sees every key.
     _decode(q, out, cu_seqlens_q, seq_lens_kv, kv_cache, block_tables, scale=scale,
             sliding_window=sliding_window if causal else -1, softcap=softcap)

@@ -7,12 +7,14 @@ leave (in-flight batching).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import itertools
 import math
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -129,9 +131,17 @@ class LLMEngine:
         self._outputs: dict[str, GenerationOutput] = {}  # finished, not yet handed to their caller
         self._ids = itertools.count()
         self.step_timings: list[StepTiming] | None = None  # a list: each step records its timing there
+        # add_request, step and abort may come from different threads (astream steps in a worker)
+        self._lock = threading.RLock()
+        self._step_gate: asyncio.Lock | None = None  # one astream step at a time (made in the event loop)
+        self._steps_done = 0
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; it joins the running batch at the next step. Returns its id."""
+        with self._lock:
+            return self._add_request(prompt_token_ids, params, request_id)
+
+    def _add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None) -> str:
         params.validate()
         self.check_prompt(prompt_token_ids)
         if params.n > 1:
@@ -162,14 +172,15 @@ class LLMEngine:
 
     def step(self) -> list[GenerationOutput]:
         """Run one batch; returns the requests that finished in it."""
-        if self.step_timings is None:
-            return self._step()
-        timing = StepTiming(self.engine.device)
-        outputs = self._step(timing)
-        timing.stop()
-        if timing.kind is not None:
-            self.step_timings.append(timing)
-        return outputs
+        with self._lock:
+            if self.step_timings is None:
+                return self._step()
+            timing = StepTiming(self.engine.device)
+            outputs = self._step(timing)
+            timing.stop()
+            if timing.kind is not None:
+                self.step_timings.append(timing)
+            return outputs
 
     def _step(self, timing: StepTiming | None = None) -> list[GenerationOutput]:
         batch = self.scheduler.schedule()
@@ -276,12 +287,48 @@ class LLMEngine:
 
     def _step_and_keep(self) -> None:
         """One step; its finished requests wait in `_outputs` for whoever asked for them."""
-        for output in self.step():
-            self._outputs[output.request_id] = output
+        with self._lock:
+            for output in self.step():
+                self._outputs[output.request_id] = output
+            self._steps_done += 1
+
+    async def astream(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        """`stream` for asyncio (the server): yields each token as its step finishes.
+
+        Steps run in a worker thread, one at a time, so the event loop stays free; however
+        many streams wait, each step is run once and advances all of them (and any `generate`
+        sharing the engine is advanced by the same steps). Closing the iterator early aborts
+        the request and frees its blocks."""
+        request_id = self.add_request(prompt_token_ids, params)
+        sent = 0
+        try:
+            while True:
+                with self._lock:
+                    done = self._outputs.pop(request_id, None)
+                    tokens = list(done.token_ids if done else self._requests[request_id].row.output_token_ids)
+                for token in tokens[sent:]:
+                    yield token
+                sent = len(tokens)
+                if done:
+                    return
+                await self._advance()
+        finally:
+            if request_id in self._requests:
+                self.abort(request_id)
+
+    async def _advance(self) -> None:
+        """One engine step in a worker thread, unless another stream's step ran while this one waited."""
+        if self._step_gate is None:
+            self._step_gate = asyncio.Lock()
+        seen = self._steps_done
+        async with self._step_gate:
+            if self._steps_done == seen:
+                await asyncio.to_thread(self._step_and_keep)
 
     def abort(self, request_id: str) -> bool:
-        self._requests.pop(request_id, None)
-        return self.scheduler.abort(request_id) is not None
+        with self._lock:
+            self._requests.pop(request_id, None)
+            return self.scheduler.abort(request_id) is not None
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Every position's logits `[B, S, V]`, each row a separate sequence (stateless)."""

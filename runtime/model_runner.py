@@ -210,23 +210,27 @@ class _DecodeInputs:
         }
 
 
-def measure_activation_peak(engine: Engine, num_tokens: int, num_rows: int, block_size: int) -> int:
-    """Bytes of GPU memory one eager step of `num_tokens` prompt tokens (`num_rows` of them
-    sampling) takes beyond what is allocated before it: the activations the KV cache must
-    leave room for. Runs that step once, in a scratch cache; this also compiles its kernels."""
+def measure_activation_peak(engine: Engine, num_tokens: int, num_rows: int, block_size: int,
+                            max_seq_len: int) -> int:
+    """Bytes of GPU memory one eager step of `num_tokens` prompt tokens (in sequences of at
+    most `max_seq_len`, `num_rows` rows sampling) takes beyond what is allocated before it:
+    the activations the KV cache must leave room for. Runs that step once, in a scratch
+    cache; this also compiles its kernels."""
     spec = engine.spec
     device = engine.device
-    num_blocks = math.ceil(num_tokens / block_size)
+    lengths = [min(max_seq_len, num_tokens - start) for start in range(0, num_tokens, max_seq_len)]
+    per = math.ceil(max(lengths) / block_size)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    pool = KVCachePool(spec.num_layers, num_blocks, spec.num_kv_heads, block_size, spec.head_dim, engine.dtype,
-                       device)
-    sequence = ScheduledSequence("profile", [0] * num_tokens, list(range(num_tokens)), num_tokens,
-                                 list(range(num_blocks)), True, True)
-    rows = list(range(num_tokens - min(num_rows, num_tokens), num_tokens))
-    ModelRunner(engine, pool, cuda_graphs=False).run([sequence], rows, num_prefills=1)
+    pool = KVCachePool(spec.num_layers, per * len(lengths), spec.num_kv_heads, block_size, spec.head_dim,
+                       engine.dtype, device)
+    sequences = [ScheduledSequence(f"profile-{i}", [0] * n, list(range(n)), n, list(range(i * per, (i + 1) * per)),
+                                   True, True) for i, n in enumerate(lengths)]
+    ends = [sum(lengths[: i + 1]) - 1 for i in range(len(lengths))]
+    rows = sorted(set(ends) | set(range(max(0, num_tokens - num_rows), num_tokens)))[-max(num_rows, len(ends)):]
+    ModelRunner(engine, pool, cuda_graphs=False).run(sequences, rows, num_prefills=len(sequences))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before - pool.buffer.numel() * pool.buffer.element_size()
     del pool

@@ -3,6 +3,8 @@ greedy tokens of transformers."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from conftest import make_model
@@ -92,6 +94,39 @@ def test_stream_equals_generate_and_closing_frees_blocks():
     early = llm.stream(PROMPTS[2], trtllm.SamplingParams(max_new_tokens=30, ignore_eos=True))
     assert len([t for _, t in zip(range(3), early)]) == 3
     early.close()
+    assert not llm.runtime.has_unfinished()
+    assert llm.runtime.scheduler.num_free_blocks == llm.runtime.pool.num_blocks
+
+
+def test_async_streams_run_concurrently_and_equal_generate():
+    llm = trtllm.compile(make_model("llama"), dtype="fp32", max_batch_size=4)
+    params = [trtllm.SamplingParams(max_new_tokens=10, ignore_eos=True),
+              trtllm.SamplingParams(max_new_tokens=7, temperature=0.9, top_k=40, seed=11, ignore_eos=True),
+              trtllm.SamplingParams(max_new_tokens=12, ignore_eos=True)]
+    prompts = PROMPTS[1:4]
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+
+    async def consume(prompt, p, log):
+        tokens = []
+        async for token in llm.astream(prompt, p):
+            tokens.append(token)
+            log.append(len(tokens))
+        return tokens
+
+    async def main():
+        log = []
+        results = await asyncio.gather(*(consume(x, p, log) for x, p in zip(prompts, params)))
+        steps = llm.runtime._steps_done
+        early = llm.astream(PROMPTS[2], trtllm.SamplingParams(max_new_tokens=30, ignore_eos=True))
+        assert [await early.__anext__() for _ in range(2)]
+        await early.aclose()  # stopping early aborts and frees
+        return results, log, steps
+
+    start = llm.runtime._steps_done
+    results, log, steps = asyncio.run(main())
+    assert results == expected
+    assert steps - start <= 6  # the three streams shared their steps (prefill + bursts), not one each
+    assert log[:3] == [1, 1, 1]  # every stream had its first token before any had its second
     assert not llm.runtime.has_unfinished()
     assert llm.runtime.scheduler.num_free_blocks == llm.runtime.pool.num_blocks
 
