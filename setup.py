@@ -33,7 +33,9 @@ setup(
     ],
     extras_require={
         # Tests on CPU run the kernels in Triton's interpreter, which needs 3.8 with numpy 2.4.
-        "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'"],
+        "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib"],
+        # `trtllm bench --plot` and `benchmarks/kernels.py --plot`
+        "bench": ["matplotlib"],
     },
     entry_points={
         "console_scripts": ["trtllm=trtllm.frontend.cli:main"],
