@@ -181,7 +181,9 @@ class CompiledModel:
 
     def _generate_tensor(self, input_ids: torch.Tensor, *, max_new_tokens: int = 20, do_sample: bool = False,
                          temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, num_beams: int = 1,
-                         eos_token_id=None, pad_token_id=None, **unknown) -> torch.Tensor:
+                         length_penalty: float = 1.0, early_stopping: bool | str = False,
+                         num_return_sequences: int = 1, eos_token_id=None, pad_token_id=None,
+                         **unknown) -> torch.Tensor:
         if unknown:
             raise RequestError(f"unsupported generate() keyword arguments {sorted(unknown)}")
         input_ids = _as_ids_tensor(input_ids)
@@ -190,7 +192,8 @@ class CompiledModel:
         params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
             top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0,
-            num_beams=num_beams, stop_token_ids=eos, ignore_eos=True,
+            num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+            n=num_return_sequences, stop_token_ids=eos, ignore_eos=True,
         )
         outputs = self.generate(input_ids.tolist(), params)
         pad = pad_token_id if pad_token_id is not None else self.engine.spec.pad_token_id
@@ -200,7 +203,8 @@ class CompiledModel:
         new = torch.full((len(outputs), width), pad, dtype=input_ids.dtype)
         for row, out in enumerate(outputs):
             new[row, : len(out.token_ids)] = torch.tensor(out.token_ids, dtype=input_ids.dtype)
-        return torch.cat([input_ids.cpu(), new], dim=1).to(input_ids.device)
+        prompts = input_ids.cpu().repeat_interleave(num_return_sequences, dim=0)  # n rows per prompt
+        return torch.cat([prompts, new], dim=1).to(input_ids.device)
 
 
 def _as_ids_tensor(input_ids) -> torch.Tensor:

@@ -4,10 +4,15 @@ Layout (DESIGN.md §5): one tensor `buffer [L, num_blocks, 2, Hkv, block_size, D
 reads and writes `layers[l] = buffer[l]`, a `[num_blocks, 2, Hkv, block_size, D]` view
 (index 0 of dim 1 is K, 1 is V). Token `p` of a sequence with block table `bt` lives at block
 `bt[p // block_size]`, row `p % block_size`. Which block belongs to whom is the scheduler's
-business; `BlockAllocator` only hands out and takes back block ids.
+business; `BlockAllocator` only hands out block ids and counts who holds them. A block may be
+held by several sequences at once (beams share their common prefix); it is free again when the
+last holder lets go, and a holder that writes into a shared block first copies it
+(copy-on-write: the scheduler asks for the copy, `KVCachePool.copy_blocks` makes it).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -90,15 +95,25 @@ class KVCachePool:
         """Size of the one allocation."""
         return self.buffer.numel() * self.buffer.element_size()
 
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        """For each (src, dst): block dst takes block src's K and V in every layer. The sources
+        are all read before any destination is written."""
+        if not copies:
+            return
+        src, dst = torch.tensor(copies, dtype=torch.long).T.to(self.device)  # [n] each
+        self.buffer[:, dst] = self.buffer[:, src]
+
 
 class NoFreeBlocksError(RuntimeError):
     """Internal: more blocks were asked for than are free. Callers check `num_free` first."""
 
 
 class BlockAllocator:
-    """Hands out block ids `0 .. num_blocks-1` from a free list.
+    """Hands out block ids `0 .. num_blocks-1` from a free list, counting holders.
 
-    Freed blocks are handed out again first (LIFO), which keeps the working set small.
+    `allocate` gives a block its first holder, `share` adds holders, `free` drops one; a block
+    whose last holder drops it is free again. Freed blocks are handed out again first (LIFO),
+    which keeps the working set small.
     """
 
     def __init__(self, num_blocks: int) -> None:
@@ -106,7 +121,7 @@ class BlockAllocator:
         self._num_total = num_blocks
         # Stack: reversed so that a fresh allocator hands out 0, 1, 2, ...
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._free_set: set[int] = set(self._free)
+        self._holders: dict[int, int] = {}  # block id -> holders, for blocks in use
 
     @property
     def num_free(self) -> int:
@@ -124,16 +139,29 @@ class BlockAllocator:
                 f"asked for {n} KV cache blocks, {len(self._free)} of {self._num_total} are free"
             )
         block_ids = [self._free.pop() for _ in range(n)]
-        self._free_set.difference_update(block_ids)
+        self._holders.update(dict.fromkeys(block_ids, 1))
         return block_ids
 
+    def share(self, block_ids: list[int]) -> None:
+        """One more holder for each of these blocks (in use already)."""
+        for block_id in block_ids:
+            assert block_id in self._holders, f"block {block_id} is free and cannot be shared"
+            self._holders[block_id] += 1
+
+    def holders(self, block_id: int) -> int:
+        """How many hold this block (0: free)."""
+        return self._holders.get(block_id, 0)
+
     def free(self, block_ids: list[int]) -> None:
-        """Give blocks back. Freeing a free or unknown id breaks an invariant: AssertionError."""
+        """Drop one holder of each block; blocks left with none are free again. Freeing a free
+        or unknown id breaks an invariant: AssertionError."""
         for block_id in block_ids:
             assert 0 <= block_id < self._num_total, f"block {block_id} is not in 0..{self._num_total - 1}"
-            assert block_id not in self._free_set, f"block {block_id} freed twice"
-            self._free.append(block_id)
-            self._free_set.add(block_id)
+            assert block_id in self._holders, f"block {block_id} freed twice"
+            self._holders[block_id] -= 1
+            if self._holders[block_id] == 0:
+                del self._holders[block_id]
+                self._free.append(block_id)
 
 
 def _check_positive(**sizes: int) -> None:

@@ -2,7 +2,9 @@
 
 Each `step()` asks the scheduler for one batch, runs it, samples, and hands the sampled tokens
 back to the scheduler: new requests join the running batch at the next step and finished ones
-leave (in-flight batching).
+leave (in-flight batching). A beam search request (`num_beams` > 1) runs in the same steps as
+everything else, its beams as sequences of the batch; its tokens are chosen by its
+`BeamSearch` from all its beams' logits rather than by the sampler.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine
 
+from .beam_search import BeamSearch
 from .kv_cache import KVCachePool
 from .model_runner import ModelRunner
 from .sampler import SampleRow, SamplingBatch, has_penalty, make_generator, sample, sample_tokens
@@ -93,8 +96,8 @@ class StepTiming:
 
 def _burstable(params: SamplingParams) -> bool:
     """A request whose tokens need nothing from the host between steps: no penalties (they
-    read the tokens so far), no logprobs, no stop strings (they read the text)."""
-    return not (has_penalty(params) or params.logprobs is not None or params.stop)
+    read the tokens so far), no logprobs, no stop strings (they read the text), no beams."""
+    return not (has_penalty(params) or params.logprobs is not None or params.stop or params.num_beams > 1)
 
 
 @dataclass
@@ -105,6 +108,7 @@ class _RequestState:
     logprobs: list[float] | None  # per generated token, when the request asked for logprobs
     top_logprobs: list[dict[int, float]] | None  # likewise, the most likely alternatives
     text: str | None = None  # the text up to a stop string, once one ended the request
+    beam: BeamSearch | None = None  # beam search requests only: picks their tokens
 
 
 class LLMEngine:
@@ -128,7 +132,8 @@ class LLMEngine:
         self.runner = ModelRunner(engine, self.pool, config.max_batch_size, config.max_seq_len, config.cuda_graphs)
         self.runner.capture()
         self._requests: dict[str, _RequestState] = {}
-        self._outputs: dict[str, GenerationOutput] = {}  # finished, not yet handed to their caller
+        # finished, not yet handed to their caller: each request's outputs (a beam search may give several)
+        self._outputs: dict[str, list[GenerationOutput]] = {}
         self._ids = itertools.count()
         self.step_timings: list[StepTiming] | None = None  # a list: each step records its timing there
         # add_request, step and abort may come from different threads (astream steps in a worker)
@@ -144,19 +149,21 @@ class LLMEngine:
     def _add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None) -> str:
         params.validate()
         self.check_prompt(prompt_token_ids)
-        if params.n > 1:
+        if params.n > 1 and params.num_beams == 1:
             raise RequestError(f"n={params.n}: a request is one sample; generate() runs n of them")
         if params.stop and self.detokenize is None:
             raise RequestError("SamplingParams.stop needs a tokenizer: compile(model, tokenizer=...)")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.engine.spec.eos_token_ids))
-        request = Request(request_id, list(prompt_token_ids), params.max_new_tokens, frozenset(stop))
+        request = Request(request_id, list(prompt_token_ids), params.max_new_tokens, frozenset(stop),
+                          num_beams=params.num_beams)
         self.scheduler.add_request(request)
         logprobs = None if params.logprobs is None else []
+        beams = params.num_beams > 1  # a beam search streams nothing until it is done: no tokens in progress
         self._requests[request_id] = _RequestState(
             SampleRow(params, make_generator(params, self.engine.device), request.prompt_token_ids,
-                      request.output_token_ids),
-            logprobs, None if logprobs is None else [])
+                      () if beams else request.output_token_ids),
+            logprobs, None if logprobs is None else [], beam=BeamSearch(params, request.stop_token_ids) if beams else None)
         return request_id
 
     def check_prompt(self, prompt_token_ids: list[int]) -> None:
@@ -171,7 +178,12 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[GenerationOutput]:
-        """Run one batch; returns the requests that finished in it."""
+        """Run one batch; returns the requests that finished in it (a beam search asking for
+        n > 1 beams gives n outputs, the extra ones with request ids `{id}#1`, `{id}#2`, ...)."""
+        return [out for outs in self._step_outputs() for out in outs]
+
+    def _step_outputs(self) -> list[list[GenerationOutput]]:
+        """One step; the outputs of each request that finished in it."""
         with self._lock:
             if self.step_timings is None:
                 return self._step()
@@ -182,14 +194,19 @@ class LLMEngine:
                 self.step_timings.append(timing)
             return outputs
 
-    def _step(self, timing: StepTiming | None = None) -> list[GenerationOutput]:
+    def _owner(self, request_id: str) -> str:
+        """The request id the engine knows a scheduled sequence by (a beam's: its group's)."""
+        return self.scheduler.request(request_id).group_id or request_id
+
+    def _step(self, timing: StepTiming | None = None) -> list[list[GenerationOutput]]:
         batch = self.scheduler.schedule()
         if not batch.sequences:
             return []
         if timing is not None:
             timing.start_device(batch)
         sampling = [s for s in batch.sequences if s.samples]
-        states = [self._requests[s.request_id] for s in sampling]
+        owners = [self._owner(s.request_id) for s in sampling]
+        states = [self._requests[owner] for owner in owners]
         rows = [state.row for state in states]
         if self.config.decode_steps > 1 and all(_burstable(row.params) for row in rows):
             batch, num_steps = self.scheduler.extend_decodes(batch, self.config.decode_steps)
@@ -198,18 +215,42 @@ class LLMEngine:
         logits = self.runner.execute(batch)  # [N, V]
         if timing is not None:
             timing.stop_device()
-        sampled = sample(logits, rows)
-        for state, logprob, top in zip(states, sampled.logprobs, sampled.top_logprobs):
-            if state.logprobs is not None:
-                state.logprobs.append(logprob)
-                state.top_logprobs.append(top)
-        finished = self.scheduler.update(batch, {s.request_id: t for s, t in zip(sampling, sampled.token_ids)})
-        finished += self._stop_strings([s.request_id for s in sampling])
+        # Beams' rows, grouped by search (a group's beams are consecutive, in beam order).
+        beam_rows: dict[str, list[int]] = {}
+        for i, (owner, state) in enumerate(zip(owners, states)):
+            if state.beam is not None:
+                beam_rows.setdefault(owner, []).append(i)
+        plain = [i for i, state in enumerate(states) if state.beam is None]
+        tokens: dict[str, int] = {}
+        if plain:
+            sampled = sample(logits if not beam_rows else logits[plain], [rows[i] for i in plain])
+            for i, token, logprob, top in zip(plain, sampled.token_ids, sampled.logprobs, sampled.top_logprobs):
+                tokens[sampling[i].request_id] = token
+                if states[i].logprobs is not None:
+                    states[i].logprobs.append(logprob)
+                    states[i].top_logprobs.append(top)
+        finished = self.scheduler.update(batch, tokens)
+        finished += self._stop_strings([owners[i] for i in plain])
+        for owner, indices in beam_rows.items():
+            finished += self._beam_step(owner, logits[indices])
         return [self._finish(r) for r in finished]
 
+    def _beam_step(self, request_id: str, logits: torch.Tensor) -> list[Request]:
+        """Advance a beam search by its beams' logits `[num_beams or 1, V]`; the finished request, if it is done."""
+        search = self._requests[request_id].beam
+        step = search.step(logits)
+        if step.done:
+            best = search.hypotheses[0].token_ids
+            return [self.scheduler.abort(request_id, reason="stop" if best[-1] in search.stop_token_ids else "length")]
+        if self.scheduler.request(request_id).group_id is None:  # its first step: all beams are the prompt
+            self.scheduler.fork(request_id)
+        self.scheduler.set_beams(request_id, step.parents, step.token_ids)
+        return []
+
     def _burst(self, batch: ScheduledBatch, num_steps: int, rows: list[SampleRow],
-               timing: StepTiming | None) -> list[GenerationOutput]:
+               timing: StepTiming | None) -> list[list[GenerationOutput]]:
         """num_steps decode steps back to back on the device; the host reads the tokens once."""
+        assert not batch.block_copies, "beams, which share blocks, never burst"
         tokens = self.runner.decode(batch.sequences, num_steps,
                                     functools.partial(sample_tokens, batch=SamplingBatch.build(rows, self.engine.device)))
         if timing is not None:
@@ -234,11 +275,21 @@ class LLMEngine:
                 stopped.append(self.scheduler.abort(request_id, reason="stop"))
         return [r for r in stopped if r is not None]
 
-    def _finish(self, request: Request) -> GenerationOutput:
+    def _finish(self, request: Request) -> list[GenerationOutput]:
+        """The outputs of a finished request: one, or a beam search's n best beams."""
         state = self._requests.pop(request.request_id)
-        return GenerationOutput(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
-                                text=state.text, finish_reason=request.finish_reason, logprobs=state.logprobs,
-                                top_logprobs=state.top_logprobs)
+        if state.beam is None:
+            return [GenerationOutput(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
+                                     text=state.text, finish_reason=request.finish_reason, logprobs=state.logprobs,
+                                     top_logprobs=state.top_logprobs)]
+        outputs = []
+        for j, hypothesis in enumerate(state.beam.hypotheses[: state.row.params.n]):
+            stopped = hypothesis.token_ids[-1] in request.stop_token_ids
+            outputs.append(GenerationOutput(
+                request.request_id if j == 0 else f"{request.request_id}#{j}", request.prompt_token_ids,
+                list(hypothesis.token_ids), finish_reason="stop" if stopped else "length",
+                sample_index=j, score=hypothesis.score))
+        return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[GenerationOutput]:
         """Run `prompts` to completion; outputs in the order of `prompts`, and where a prompt
@@ -247,18 +298,25 @@ class LLMEngine:
         for prompt, p in zip(prompts, params_list):  # validate all before queueing any
             p.validate()
             self.check_prompt(prompt)
-        samples = [(prompt, p, j) for prompt, p in zip(prompts, params_list) for j in range(p.n)]
-        ids = [self.add_request(prompt, _sample_params(p, j)) for prompt, p, j in samples]
+        ids: list[tuple[str, int]] = []  # (request id, sample index); a beam search gives its n beams itself
+        for prompt, p in zip(prompts, params_list):
+            if p.num_beams > 1:
+                ids.append((self.add_request(prompt, p), 0))
+            else:
+                ids += [(self.add_request(prompt, _sample_params(p, j)), j) for j in range(p.n)]
         try:
-            while not all(i in self._outputs for i in ids):
+            while not all(i in self._outputs for i, _ in ids):
                 self._step_and_keep()
         finally:
-            for request_id in ids:  # an error mid-way must not leak blocks
+            for request_id, _ in ids:  # an error mid-way must not leak blocks
                 if request_id not in self._outputs:
                     self.abort(request_id)
-        outputs = [self._outputs.pop(i) for i in ids]
-        for out, (_, _, j) in zip(outputs, samples):
-            out.sample_index = j
+        outputs = []
+        for request_id, j in ids:
+            outs = self._outputs.pop(request_id)
+            if len(outs) == 1 and outs[0].score is None:
+                outs[0].sample_index = j
+            outputs += outs
         return outputs
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams) -> Iterator[int]:
@@ -273,7 +331,7 @@ class LLMEngine:
         sent = 0
         try:
             while True:
-                done = self._outputs.pop(request_id, None)
+                done = self._outputs.pop(request_id, [None])[0]  # (a beam search's best beam)
                 tokens = done.token_ids if done else self._requests[request_id].row.output_token_ids
                 while sent < len(tokens):
                     sent += 1
@@ -288,8 +346,8 @@ class LLMEngine:
     def _step_and_keep(self) -> None:
         """One step; its finished requests wait in `_outputs` for whoever asked for them."""
         with self._lock:
-            for output in self.step():
-                self._outputs[output.request_id] = output
+            for outputs in self._step_outputs():
+                self._outputs[outputs[0].request_id] = outputs
             self._steps_done += 1
 
     async def astream(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
@@ -304,7 +362,7 @@ class LLMEngine:
         try:
             while True:
                 with self._lock:
-                    done = self._outputs.pop(request_id, None)
+                    done = self._outputs.pop(request_id, [None])[0]
                     tokens = list(done.token_ids if done else self._requests[request_id].row.output_token_ids)
                 for token in tokens[sent:]:
                     yield token

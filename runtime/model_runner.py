@@ -55,7 +55,9 @@ class ModelRunner:
     # -- any step -------------------------------------------------------------------------
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits `[N, V]` of the last token of each sequence with `samples=True`, in batch order."""
+        """Logits `[N, V]` of the last token of each sequence with `samples=True`, in batch order.
+        The batch's copy-on-write block copies are made first."""
+        self.pool.copy_blocks(batch.block_copies)
         if batch.num_prefills == 0 and len(batch.sequences) <= self.max_batch_size:
             return self.decode(batch.sequences)
         rows, row = [], 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trtllm.kernels.errors import RequestError
@@ -25,9 +26,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # finish when one of these is generated (kept in the output)
     stop: tuple[str, ...] = ()  # finish when the text holds one of these (needs a tokenizer); text ends before it
     ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens
-    num_beams: int = 1  # not supported yet: must stay 1
-    length_penalty: float = 1.0  # beam search only
-    n: int = 1  # samples per prompt (generate returns n outputs per prompt, one after another)
+    num_beams: int = 1  # > 1: beam search (transformers' rule), greedy within the beams; returns the best beam
+    length_penalty: float = 1.0  # beam search: a finished beam scores sum_logprob / length ** length_penalty
+    early_stopping: bool | str = False  # beam search: True, False (transformers' heuristic) or "never"
+    n: int = 1  # samples per prompt (generate returns n outputs per prompt, one after another);
+    #             with num_beams > 1: the n best beams, n <= num_beams
     logprobs: int | None = None  # None: none; k in [0, 20]: each token's log-probability and the top k
 
     def validate(self) -> None:
@@ -55,10 +58,31 @@ class SamplingParams:
             raise RequestError(f"n must be at least 1, got {self.n}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
-        unsupported = {"num_beams": (self.num_beams, 1)}
-        for name, (value, default) in unsupported.items():
+        if self.early_stopping not in (True, False, "never"):
+            raise RequestError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not math.isfinite(self.length_penalty):
+            raise RequestError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if self.num_beams > 1:
+            self._validate_beam_search()
+
+    def _validate_beam_search(self) -> None:
+        if self.n > self.num_beams:
+            raise RequestError(f"n={self.n} beams asked of a beam search with num_beams={self.num_beams}; "
+                               f"n must be at most num_beams")
+        # Beam search keeps the most likely beams; what would change its scores or need the
+        # host per token is not built for it.
+        unsupported = {
+            "temperature": (self.temperature, 0.0, "beam search is greedy; sampling within beams is not supported"),
+            "repetition_penalty": (self.repetition_penalty, 1.0, "penalties do not apply to beam search"),
+            "presence_penalty": (self.presence_penalty, 0.0, "penalties do not apply to beam search"),
+            "frequency_penalty": (self.frequency_penalty, 0.0, "penalties do not apply to beam search"),
+            "logprobs": (self.logprobs, None, "a beam search reports each beam's score instead"),
+            "stop": (self.stop, (), "stop strings do not apply to beam search; use stop_token_ids"),
+        }
+        for name, (value, default, why) in unsupported.items():
             if value != default:
-                raise RequestError(f"SamplingParams.{name}={value!r} is not supported yet (leave it at {default!r})")
+                raise RequestError(f"SamplingParams.{name}={value!r} with num_beams={self.num_beams}: {why} "
+                                   f"(leave {name} at {default!r})")
 
 
 @dataclass
@@ -72,4 +96,5 @@ class GenerationOutput:
     finish_reason: str | None = None  # "stop" (a stop or EOS token), "length" or "abort"
     logprobs: list[float] | None = None  # log-probability of each generated token, when asked
     top_logprobs: list[dict[int, float]] | None = None  # per token, the `logprobs` most likely tokens
-    sample_index: int = 0  # which of the prompt's n samples this is
+    sample_index: int = 0  # which of the prompt's n samples this is (a beam search: its rank)
+    score: float | None = None  # beam search: the beam's sum of log-probabilities / length ** length_penalty

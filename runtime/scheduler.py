@@ -25,6 +25,16 @@ Each step, in this order:
 The batch lists prefills first, then decodes (DESIGN.md §5). A request whose whole context can
 never fit in the cache, or that is longer than `max_seq_len`, is rejected by `add_request`;
 any other request is never failed because the cache is full.
+
+Beam search: a request with `num_beams` > 1 prefills its prompt once, as one sequence that
+counts as `num_beams` against `max_batch_size`. Its tokens are chosen by the engine, not
+appended by `update`: after its first step the engine `fork`s it into a group of `num_beams`
+beams sharing the prompt's blocks, and after every step `set_beams` makes each beam a copy of
+its parent beam plus one token, sharing the parent's blocks. A beam that writes into a block
+other beams still hold copies it first (copy-on-write, listed in `ScheduledBatch.block_copies`).
+A group moves as one: its beams decode in the same step or not at all, are preempted
+together (each then recomputes its own context, all but its last token, before the group
+decodes again) and are admitted together.
 """
 
 from __future__ import annotations
@@ -60,6 +70,8 @@ class Request:
     finish_reason: str | None = None  # "stop", "length" or "abort" once finished
     arrival_index: int = -1  # FIFO order, set by add_request; later arrivals are preempted first
     num_preemptions: int = 0  # times it was preempted and had to recompute its cache
+    num_beams: int = 1  # > 1: beam search; the engine picks the tokens (`fork`, `set_beams`)
+    group_id: str | None = None  # once forked: its beam group, named by the first beam's request id
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -90,6 +102,7 @@ class ScheduledBatch:
     """One forward pass: prefill sequences first, then decodes. Empty when nothing can run."""
 
     sequences: tuple[ScheduledSequence, ...] = ()  # prefills (chunks included), then decodes
+    block_copies: tuple[tuple[int, int], ...] = ()  # (src, dst): copy-on-write, done before the pass
 
     @property
     def num_prefills(self) -> int:
@@ -117,6 +130,7 @@ class _Step:
     decodes: list[ScheduledSequence] = field(default_factory=list)  # in scheduling order
     scheduled_ids: set[str] = field(default_factory=set)  # requests already in the batch
     num_preempted: int = 0  # requests preempted this step
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
 
 
 class Scheduler:
@@ -143,6 +157,7 @@ class Scheduler:
         self._waiting: deque[Request] = deque()  # FIFO; preempted requests go back to the front
         self._running: list[Request] = []  # sorted by arrival_index
         self._requests: dict[str, Request] = {}  # every unfinished request, by id
+        self._groups: dict[str, list[Request]] = {}  # forked beam groups, by group id, beams in order
         self._next_arrival_index = 0
         self.num_preemptions = 0  # requests preempted so far (a running total, for metrics and tests)
 
@@ -166,6 +181,19 @@ class Scheduler:
     @property
     def num_total_blocks(self) -> int:
         return self._allocator.num_total
+
+    def request(self, request_id: str) -> Request | None:
+        """The unfinished request of that id (a beam's own id included), or None."""
+        return self._requests.get(request_id)
+
+    def _unit(self, request: Request) -> list[Request]:
+        """What is scheduled, preempted and admitted as one: its beam group, or itself."""
+        return self._groups[request.group_id] if request.group_id is not None else [request]
+
+    def _num_running_sequences(self) -> int:
+        """Sequences the running requests are or will be: an unforked beam search counts as
+        its num_beams."""
+        return sum(r.num_beams if r.group_id is None else 1 for r in self._running)
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -195,11 +223,19 @@ class Scheduler:
                 f"request {rid!r}: prompt of {num_prompt} tokens + max_new_tokens {request.max_new_tokens} "
                 f"= {num_total} exceeds max_seq_len {self.max_seq_len}; shorten it or raise max_seq_len"
             )
-        # The last output token is sampled but never fed, so the cache holds num_total - 1 tokens.
-        num_blocks = _cdiv(num_total - 1, self.block_size)
-        if num_blocks > self._allocator.num_total:
+        if request.num_beams > min(self.max_batch_size, self.max_num_tokens):
             raise RequestError(
-                f"request {rid!r}: {num_total - 1} tokens of context need {num_blocks} KV cache blocks "
+                f"request {rid!r}: num_beams={request.num_beams} beams decode in one step, but a step holds at "
+                f"most max_batch_size={self.max_batch_size} sequences and max_num_tokens={self.max_num_tokens} "
+                f"tokens; lower num_beams or raise both"
+            )
+        # The last output token is sampled but never fed, so the cache holds num_total - 1 tokens.
+        # Beams share blocks, but after a preemption each recomputes its own context.
+        num_blocks = request.num_beams * _cdiv(num_total - 1, self.block_size)
+        if num_blocks > self._allocator.num_total:
+            beams = f" for each of {request.num_beams} beams" if request.num_beams > 1 else ""
+            raise RequestError(
+                f"request {rid!r}: {num_total - 1} tokens of context{beams} need {num_blocks} KV cache blocks "
                 f"of {self.block_size} tokens, but the cache has only {self._allocator.num_total}; "
                 f"shorten it or give the KV cache more memory"
             )
@@ -210,12 +246,15 @@ class Scheduler:
         request = self._requests.get(request_id)
         if request is None:
             return None
-        if request.status is RequestStatus.RUNNING:
-            self._running.remove(request)
-        else:
-            self._waiting.remove(request)
-        self._finish(request, reason)
-        return request
+        unit = self._unit(request)
+        for member in unit:  # a beam group finishes as one
+            if member.status is RequestStatus.RUNNING:
+                self._running.remove(member)
+            else:
+                self._waiting.remove(member)
+            self._finish(member, reason)
+        self._groups.pop(request.group_id, None)
+        return unit[0]
 
     # -- one step --------------------------------------------------------------------------
 
@@ -232,67 +271,116 @@ class Scheduler:
                 self._schedule_prefill_chunk(request, step)
         if step.num_preempted == 0:
             self._admit_waiting(step)
-        return ScheduledBatch(tuple(step.prefills + step.decodes))
+        return ScheduledBatch(tuple(step.prefills + step.decodes), tuple(step.block_copies))
 
     def _schedule_decode(self, request: Request, step: _Step) -> None:
-        if self._reserve(request, request.num_computed_tokens + 1, step):
-            self._add_to_step(request, 1, step)
+        unit = self._unit(request)
+        if request.request_id in step.scheduled_ids:
+            return  # a beam scheduled with its group
+        if not all(r.status is RequestStatus.RUNNING and _is_decode(r) for r in unit):
+            return  # a beam whose group is not all ready (recomputing after a preemption) waits
+        if self._reserve(unit, [r.num_computed_tokens + 1 for r in unit], step):
+            for member in unit:
+                self._add_to_step(member, 1, step)
         else:  # it is the latest request left: it gives its own blocks up
-            self._preempt(request, step)
+            self._preempt(unit, step)
 
     def _schedule_prefill_chunk(self, request: Request, step: _Step) -> None:
-        num_new = min(request.num_tokens - request.num_computed_tokens, step.token_budget)
-        if self._num_slots(request) == 0 and not self._reserve(request, request.num_computed_tokens + 1, step):
+        end = _prefill_end(request)
+        num_new = min(end - request.num_computed_tokens, step.token_budget)
+        if num_new <= 0:
+            return
+        if self._num_slots(request) == 0 and not self._reserve([request], [request.num_computed_tokens + 1], step):
             return  # the latest request left and nothing free: wait a step, keep the blocks
         num_new = min(num_new, self._num_slots(request))
-        reserved = self._reserve(request, request.num_computed_tokens + num_new, step)
+        reserved = self._reserve([request], [request.num_computed_tokens + num_new], step)
         assert reserved, "a chunk that fits the free slots needs no preemption"
         self._add_to_step(request, num_new, step)
 
     def _admit_waiting(self, step: _Step) -> None:
-        while self._waiting and step.token_budget > 0 and len(self._running) < self.max_batch_size:
-            request = self._waiting[0]
-            num_new = min(request.num_tokens, step.token_budget)
-            num_blocks = _cdiv(num_new, self.block_size)
-            if num_blocks > self._allocator.num_free:
+        num_sequences = self._num_running_sequences()
+        while self._waiting and step.token_budget > 0:
+            unit = self._unit(self._waiting[0])  # a preempted beam group waits as one, at the front
+            width = len(unit) if len(unit) > 1 else unit[0].num_beams
+            if num_sequences + width > self.max_batch_size:
+                break
+            chunks, budget = [], step.token_budget
+            for request in unit:
+                chunks.append(min(_prefill_end(request), budget))
+                budget -= chunks[-1]
+            if sum(_cdiv(n, self.block_size) for n in chunks) > self._allocator.num_free:
                 break  # FIFO: nobody overtakes the head of the queue
-            self._waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            request.block_ids = self._allocator.allocate(num_blocks)
-            bisect.insort(self._running, request, key=lambda r: r.arrival_index)
-            self._add_to_step(request, num_new, step)
+            for request, num_new in zip(unit, chunks):
+                self._waiting.remove(request)
+                request.status = RequestStatus.RUNNING
+                request.block_ids = self._allocator.allocate(_cdiv(num_new, self.block_size))
+                bisect.insort(self._running, request, key=lambda r: r.arrival_index)
+                if num_new:  # a beam the budget did not reach prefills from the next step
+                    self._add_to_step(request, num_new, step)
+            num_sequences += width
 
     def _num_slots(self, request: Request) -> int:
         """Tokens `request` could add now: room left in its own blocks plus every free block."""
         num_own = len(request.block_ids) * self.block_size - request.num_computed_tokens
         return num_own + self._allocator.num_free * self.block_size
 
-    def _reserve(self, request: Request, context_len: int, step: _Step) -> bool:
-        """Give `request` blocks for `context_len` tokens, preempting the latest running requests
-        not yet in this batch. False, with nothing changed for `request`, if it is the latest."""
-        num_needed = _cdiv(context_len, self.block_size) - len(request.block_ids)
+    def _reserve(self, unit: list[Request], context_lens: list[int], step: _Step) -> bool:
+        """Give each request of `unit` (one request, or a beam group's beams) blocks for its
+        context length, each block it will write its own (copy-on-write), preempting the
+        latest running requests not yet in this batch. False, with nothing changed for
+        `unit`, if `unit` (or its beam group) is the latest."""
+        own = {id(r) for r in self._unit(unit[0])}
+        num_needed = self._blocks_needed(unit, context_lens)
         while self._allocator.num_free < num_needed:
-            victim = max(
-                (r for r in self._running if r.request_id not in step.scheduled_ids),
-                key=lambda r: r.arrival_index,
-            )
-            if victim is request:
+            # Victims: requests with nothing in this batch (a beam group: none of its beams).
+            victims = [r for r in self._running
+                       if not any(m.request_id in step.scheduled_ids for m in self._unit(r))]
+            victim = max(victims, key=lambda r: r.arrival_index, default=None)
+            if victim is None or id(victim) in own:
                 return False
-            self._preempt(victim, step)
-        if num_needed > 0:
-            request.block_ids += self._allocator.allocate(num_needed)
+            self._preempt(self._unit(victim), step)
+        for request, context_len in zip(unit, context_lens):
+            self._copy_on_write(request, context_len, step)
+            num_new = _cdiv(context_len, self.block_size) - len(request.block_ids)
+            if num_new > 0:
+                request.block_ids += self._allocator.allocate(num_new)
         return True
 
-    def _preempt(self, request: Request, step: _Step) -> None:
-        """Drop its cache (to be recomputed) and put it back at the front of the waiting queue."""
-        self._running.remove(request)
-        self._allocator.free(request.block_ids)
-        request.block_ids = []
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
+    def _written_blocks(self, request: Request, context_len: int) -> range:
+        """Indices into request.block_ids of the blocks feeding up to context_len writes."""
+        return range(request.num_computed_tokens // self.block_size, _cdiv(context_len, self.block_size))
+
+    def _blocks_needed(self, unit: list[Request], context_lens: list[int]) -> int:
+        """New blocks `_reserve` takes: those the contexts grow into, and a copy of each shared
+        block written (save the last writer among its holders, who keeps it)."""
+        num_new = sum(max(0, _cdiv(n, self.block_size) - len(r.block_ids)) for r, n in zip(unit, context_lens))
+        writers: dict[int, int] = {}  # shared block -> holders in unit writing it
+        for request, context_len in zip(unit, context_lens):
+            for i in self._written_blocks(request, context_len):
+                if i < len(request.block_ids) and self._allocator.holders(request.block_ids[i]) > 1:
+                    writers[request.block_ids[i]] = writers.get(request.block_ids[i], 0) + 1
+        copies = sum(w - (w == self._allocator.holders(b)) for b, w in writers.items())
+        return num_new + copies
+
+    def _copy_on_write(self, request: Request, context_len: int, step: _Step) -> None:
+        for i in self._written_blocks(request, context_len):
+            if i < len(request.block_ids) and self._allocator.holders(block := request.block_ids[i]) > 1:
+                (copy,) = self._allocator.allocate(1)
+                step.block_copies.append((block, copy))
+                self._allocator.free([block])
+                request.block_ids[i] = copy
+
+    def _preempt(self, unit: list[Request], step: _Step) -> None:
+        """Drop their cache (to be recomputed) and put them back at the front of the waiting queue."""
+        for request in reversed(unit):  # the front of the queue then lists them in order
+            self._running.remove(request)
+            self._allocator.free(request.block_ids)
+            request.block_ids = []
+            request.num_computed_tokens = 0
+            request.num_preemptions += 1
+            request.status = RequestStatus.WAITING
+            self._waiting.appendleft(request)
         self.num_preemptions += 1
-        request.status = RequestStatus.WAITING
-        self._waiting.appendleft(request)
         step.num_preempted += 1
 
     def _add_to_step(self, request: Request, num_new: int, step: _Step) -> None:
@@ -321,7 +409,7 @@ class Scheduler:
         (nothing is preempted for a burst), and a single step while waiting requests could join
         the batch (they should not wait for a burst). Returns the batch with its longer block
         tables, and the steps granted."""
-        if batch.num_prefills or (self._waiting and len(self._running) < self.max_batch_size):
+        if batch.num_prefills or (self._waiting and self._num_running_sequences() < self.max_batch_size):
             return batch, 1
         requests = [self._requests[s.request_id] for s in batch.sequences]
         num_steps = min([num_steps] + [r.max_new_tokens - len(r.output_token_ids) for r in requests])
@@ -338,7 +426,7 @@ class Scheduler:
                 request.block_ids += self._allocator.allocate(needed)
         sequences = tuple(dataclasses.replace(s, block_ids=list(r.block_ids))
                           for s, r in zip(batch.sequences, requests))
-        return ScheduledBatch(sequences), num_steps
+        return dataclasses.replace(batch, sequences=sequences), num_steps
 
     # -- after the forward pass ------------------------------------------------------------
 
@@ -357,7 +445,7 @@ class Scheduler:
                 continue
             assert request.num_computed_tokens + len(sequence.token_ids) == sequence.context_len
             request.num_computed_tokens = sequence.context_len
-            if not sequence.samples:
+            if not sequence.samples or request.num_beams > 1:  # the engine picks beams' tokens
                 continue
             assert sequence.request_id in sampled, f"no sampled token for {sequence.request_id!r}"
             tokens = sampled[sequence.request_id]
@@ -372,6 +460,41 @@ class Scheduler:
                     break
         return finished
 
+    # -- beam search ---------------------------------------------------------------------
+
+    def fork(self, request_id: str) -> list[Request]:
+        """Make a beam search request, whose first step just sampled, a group of its num_beams
+        beams: copies of it sharing its blocks, with request ids `{id}/beam{i}`. Returns them,
+        the request itself first."""
+        request = self._requests[request_id]
+        assert request.num_beams > 1 and request.group_id is None and request.status is RequestStatus.RUNNING
+        group = [request]
+        for i in range(1, request.num_beams):
+            beam = dataclasses.replace(request, request_id=f"{request_id}/beam{i}",
+                                       output_token_ids=list(request.output_token_ids),
+                                       block_ids=list(request.block_ids), group_id=request_id)
+            self._allocator.share(beam.block_ids)
+            self._requests[beam.request_id] = beam
+            bisect.insort(self._running, beam, key=lambda r: r.arrival_index)
+            group.append(beam)
+        request.group_id = request_id
+        self._groups[request_id] = group
+        return group
+
+    def set_beams(self, group_id: str, parents: list[int], token_ids: list[int]) -> None:
+        """After a step of a beam group: beam i becomes beam parents[i] (its tokens and its
+        blocks, now shared) followed by token_ids[i], which the next step feeds."""
+        group = self._groups[group_id]
+        assert len(parents) == len(token_ids) == len(group)
+        assert all(_is_done_computing(b) for b in group), "set_beams follows a step of the whole group"
+        new = [(list(group[p].output_token_ids) + [t], list(group[p].block_ids), group[p].num_computed_tokens)
+               for p, t in zip(parents, token_ids)]
+        for _, block_ids, _ in new:  # take the new blocks before letting the old go
+            self._allocator.share(block_ids)
+        for beam, (output, block_ids, num_computed) in zip(group, new):
+            self._allocator.free(beam.block_ids)
+            beam.output_token_ids, beam.block_ids, beam.num_computed_tokens = output, block_ids, num_computed
+
     def _finish(self, request: Request, reason: str) -> None:
         self._allocator.free(request.block_ids)
         request.block_ids = []
@@ -383,6 +506,16 @@ class Scheduler:
 def _is_decode(request: Request) -> bool:
     """Only the last generated token is missing from the cache."""
     return bool(request.output_token_ids) and request.num_computed_tokens == request.num_tokens - 1
+
+
+def _is_done_computing(request: Request) -> bool:
+    return request.status is RequestStatus.RUNNING and request.num_computed_tokens == request.num_tokens
+
+
+def _prefill_end(request: Request) -> int:
+    """How far prefill goes: every known token, but a forked beam stops before its last one,
+    which it feeds as a decode in the same step as the rest of its group."""
+    return request.num_tokens - (request.group_id is not None)
 
 
 def _finish_reason(request: Request, token_id: int) -> str | None:

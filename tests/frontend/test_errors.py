@@ -42,7 +42,7 @@ def test_bad_request_does_not_disturb_the_others(llm):
 
 @pytest.mark.parametrize("field, value, match", [
     ("max_new_tokens", 0, "max_new_tokens"), ("temperature", -1.0, "temperature"),
-    ("top_p", 0.0, "top_p"), ("num_beams", 4, "not supported yet"), ("repetition_penalty", -1.0, "repetition_penalty"),
+    ("top_p", 0.0, "top_p"), ("num_beams", 0, "num_beams"), ("repetition_penalty", -1.0, "repetition_penalty"),
 ])
 def test_bad_sampling_params(llm, field, value, match):
     with pytest.raises(trtllm.RequestError, match=match):
