@@ -274,6 +274,9 @@ class Scheduler:
         return ScheduledBatch(tuple(step.prefills + step.decodes), tuple(step.block_copies))
 
     def _schedule_decode(self, request: Request, step: _Step) -> None:
+        if request.group_id is None and request.num_computed_tokens < len(request.block_ids) * self.block_size:
+            self._add_to_step(request, 1, step)  # the common case: room in its own (unshared) blocks
+            return
         unit = self._unit(request)
         if request.request_id in step.scheduled_ids:
             return  # a beam scheduled with its group
@@ -356,6 +359,8 @@ class Scheduler:
         num_new = sum(max(0, _cdiv(n, self.block_size) - len(r.block_ids)) for r, n in zip(unit, context_lens))
         writers: dict[int, int] = {}  # shared block -> holders in unit writing it
         for request, context_len in zip(unit, context_lens):
+            if request.group_id is None:
+                continue  # only forked beams share blocks
             for i in self._written_blocks(request, context_len):
                 if i < len(request.block_ids) and self._allocator.holders(request.block_ids[i]) > 1:
                     writers[request.block_ids[i]] = writers.get(request.block_ids[i], 0) + 1
@@ -363,6 +368,8 @@ class Scheduler:
         return num_new + copies
 
     def _copy_on_write(self, request: Request, context_len: int, step: _Step) -> None:
+        if request.group_id is None:
+            return  # only forked beams share blocks
         for i in self._written_blocks(request, context_len):
             if i < len(request.block_ids) and self._allocator.holders(block := request.block_ids[i]) > 1:
                 (copy,) = self._allocator.allocate(1)
@@ -388,13 +395,14 @@ class Scheduler:
         context_len = start + num_new
         assert 0 < num_new and context_len <= request.num_tokens
         assert len(request.block_ids) == _cdiv(context_len, self.block_size)
+        is_decode = _is_decode(request)
         sequence = ScheduledSequence(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start:context_len],
+            token_ids=request.output_token_ids[-1:] if is_decode else request.all_token_ids[start:context_len],
             positions=list(range(start, context_len)),
             context_len=context_len,
             block_ids=list(request.block_ids),
-            is_prefill=not _is_decode(request),
+            is_prefill=not is_decode,
             samples=context_len == request.num_tokens,
         )
         (step.prefills if sequence.is_prefill else step.decodes).append(sequence)
@@ -421,12 +429,12 @@ class Scheduler:
             num_steps -= 1
         if num_steps <= 1:
             return batch, 1
-        for request, needed in zip(requests, blocks_needed(num_steps)):
+        for sequence, request, needed in zip(batch.sequences, requests, blocks_needed(num_steps)):
             if needed > 0:
-                request.block_ids += self._allocator.allocate(needed)
-        sequences = tuple(dataclasses.replace(s, block_ids=list(r.block_ids))
-                          for s, r in zip(batch.sequences, requests))
-        return dataclasses.replace(batch, sequences=sequences), num_steps
+                new = self._allocator.allocate(needed)
+                request.block_ids += new
+                sequence.block_ids.extend(new)  # the batch's own copy of the table, not yet read
+        return batch, num_steps
 
     # -- after the forward pass ------------------------------------------------------------
 
@@ -449,15 +457,17 @@ class Scheduler:
                 continue
             assert sequence.request_id in sampled, f"no sampled token for {sequence.request_id!r}"
             tokens = sampled[sequence.request_id]
-            for i, token_id in enumerate([tokens] if isinstance(tokens, int) else tokens):
-                request.num_computed_tokens += i > 0  # the burst fed the previous token
-                request.output_token_ids.append(token_id)
-                reason = _finish_reason(request, token_id)
-                if reason is not None:
-                    self._running.remove(request)
-                    self._finish(request, reason)
-                    finished.append(request)
-                    break
+            tokens = [tokens] if isinstance(tokens, int) else tokens
+            # Keep the tokens up to the first that finishes the request (a stop token, or the last allowed).
+            room = request.max_new_tokens - len(request.output_token_ids)
+            stop = next((i for i, t in enumerate(tokens) if t in request.stop_token_ids), None)
+            keep = min(len(tokens), room, len(tokens) if stop is None else stop + 1)
+            request.output_token_ids += tokens[:keep]
+            request.num_computed_tokens += keep - 1  # the burst fed each kept token but the last
+            if keep == room or keep - 1 == stop:
+                self._running.remove(request)
+                self._finish(request, "stop" if keep - 1 == stop else "length")
+                finished.append(request)
         return finished
 
     # -- beam search ---------------------------------------------------------------------
@@ -516,14 +526,6 @@ def _prefill_end(request: Request) -> int:
     """How far prefill goes: every known token, but a forked beam stops before its last one,
     which it feeds as a decode in the same step as the rest of its group."""
     return request.num_tokens - (request.group_id is not None)
-
-
-def _finish_reason(request: Request, token_id: int) -> str | None:
-    if token_id in request.stop_token_ids:
-        return "stop"
-    if len(request.output_token_ids) >= request.max_new_tokens:
-        return "length"
-    return None
 
 
 def _cdiv(a: int, b: int) -> int:
