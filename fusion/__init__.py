@@ -108,11 +108,11 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[tuple[str, Pass]] | No
         start = time.perf_counter()
         rewrites = fn(gm)
         gm.graph.lint()
-        gm.recompile()
         reports.append(PassReport(name, rewrites, time.perf_counter() - start))
         log.info("pass %s: %d rewrites", name, rewrites)
         if dump_dir is not None:
             (dump_dir / f"{index:02d}_{name.replace(':', '_')}.txt").write_text(str(gm.graph))
+    gm.recompile()  # once: passes change the graph, only the finished one runs (~50 ms per 2k nodes)
     return reports
 
 

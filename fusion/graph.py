@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import GraphModule, Node
 
 
 def fake_mode(gm: GraphModule):
-    """The FakeTensorMode of the graph's `meta["val"]`s."""
-    vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    mode = detect_fake_mode(vals)
-    assert mode is not None, "graph has no fake tensors in meta['val']"
-    return mode
+    """The FakeTensorMode of the graph's `meta["val"]`s (one for the whole graph: the first
+    fake value found says which)."""
+    for node in gm.graph.nodes:
+        if isinstance(node.meta.get("val"), FakeTensor):
+            return node.meta["val"].fake_mode
+    raise AssertionError("graph has no fake tensors in meta['val']")
 
 
 def new_size(gm: GraphModule) -> torch.SymInt:
@@ -37,7 +40,8 @@ def set_meta(gm: GraphModule, node: Node) -> Node:
     when the graph carries none)."""
     if any("val" not in a.meta for a in node.all_input_nodes):
         return node
-    vals = [a.meta["val"] for a in node.all_input_nodes if isinstance(a.meta["val"], torch.Tensor)]
+    # Tensors inside list values count too (a getitem reads split's list): no graph-wide search.
+    vals = [v for a in node.all_input_nodes for v in pytree.tree_leaves(a.meta["val"]) if isinstance(v, torch.Tensor)]
     mode = detect_fake_mode(vals) if vals else None
     if mode is None and vals:
         return node
