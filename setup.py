@@ -34,7 +34,7 @@ setup(
     extras_require={
         # Tests on CPU run the kernels in Triton's interpreter, which needs 3.8 with numpy 2.4.
         "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib"],
-        # `trtllm bench --plot` and `benchmarks/kernels.py --plot`
+        # `trtllm bench --plot` and `benchmarks/kernel_bench.py --plot`
         "bench": ["matplotlib"],
     },
     entry_points={

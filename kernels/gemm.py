@@ -586,6 +586,7 @@ def plan_gemm_act(
     has_bias: bool,
     device: torch.device | str,
     token_counts: Sequence[int] = PLAN_TOKEN_COUNTS,
+    implementations: Sequence[str] | None = None,
 ) -> GemmActPlan:
     """Time the candidate implementations (gemm_act_cublaslt where the activation is one of
     LT_EPILOGUES, gemm_act_cublas, gemm_act_triton, and gemm_act_gemv at token counts up to
@@ -594,8 +595,13 @@ def plan_gemm_act(
     Each implementation runs once (compiling and autotuning) before it is timed; a time is
     the median of CUDA-graph replays (`triton.testing.do_bench_cudagraph`): decode steps run
     in CUDA graphs, where host launch overhead is gone and only the kernels count. CUDA only.
+    `implementations` limits the candidates to these keys of _IMPLEMENTATIONS; where only one
+    is left at a token count it is not timed (its time reads nan).
     """
     device = torch.device(device)
+    unknown = set(implementations or ()) - set(_IMPLEMENTATIONS)
+    if unknown:
+        raise ValueError(f"plan_gemm_act: unknown implementations {sorted(unknown)}; known: {list(_IMPLEMENTATIONS)}")
     if device.type != "cuda":
         raise ValueError(f"plan_gemm_act: planning times CUDA kernels and cannot run on device {device}")
     if act not in ACTIVATIONS:
@@ -610,10 +616,13 @@ def plan_gemm_act(
     buckets = []
     for m in counts:
         x = torch.randn(m, k, generator=g, device=device).to(dtype)  # [M, K]
+        names = [n for n in _candidates(act, m) if implementations is None or n in implementations]
+        if not names:
+            raise ValueError(f"plan_gemm_act: none of {list(implementations)} serves act={act!r} at {m} tokens")
         times = tuple(
-            (name, _median_ms(_IMPLEMENTATIONS[name], x, weight,
-                              lt_bias if name == "cublaslt" else bias, act))
-            for name in _candidates(act, m)
+            (name, _median_ms(_IMPLEMENTATIONS[name], x, weight, lt_bias if name == "cublaslt" else bias, act)
+             if len(names) > 1 else math.nan)
+            for name in names
         )
         buckets.append(GemmActBucket(m, times))
     return GemmActPlan(n, k, dtype, act, has_bias, device, tuple(buckets),
@@ -634,15 +643,16 @@ class GemmActPlanner:
         self._plans: dict[tuple, GemmActPlan] = {}
 
     def plan(
-        self, n: int, k: int, dtype: torch.dtype, act: str, has_bias: bool, device: torch.device | str
+        self, n: int, k: int, dtype: torch.dtype, act: str, has_bias: bool, device: torch.device | str,
+        implementations: Sequence[str] | None = None,
     ) -> GemmActPlan:
-        """The plan of this shape, measured on the first request."""
+        """The plan of this shape (among `implementations`, default all), measured on the first request."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share plans
-        key = (n, k, dtype, act, has_bias, device)
+        key = (n, k, dtype, act, has_bias, device, None if implementations is None else tuple(implementations))
         if key not in self._plans:
-            self._plans[key] = plan_gemm_act(*key, token_counts=self.token_counts)
+            self._plans[key] = plan_gemm_act(*key[:6], token_counts=self.token_counts, implementations=key[6])
         return self._plans[key]
 
     def describe(self) -> str:

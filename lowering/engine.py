@@ -125,10 +125,16 @@ def _executable(graph: Graph, weights: dict, target: str, registry: Registry,
     out = exec_graph.graph_copy(graph, {})
     exec_graph.output(out)
     for node in exec_graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "namespace", None) == "trtllm":
+        if node.op != "call_function":
+            continue
+        if getattr(node.target, "namespace", None) == "trtllm":
             impl = registry.choose(node, target, device.type)
-            node.target = impl.callable_for(node, weights)
-            chosen[node.name] = impl.name
+        else:  # an aten op with a faster implementation where it fits (aten.linear on a GPU)
+            impl = registry.find(node, target, device.type)
+            if impl is None:
+                continue
+        node.target = impl.callable_for(node, weights)
+        chosen[node.name] = impl.name
     root = torch.nn.Module()
     for name, tensor in weights.items():
         owner = root

@@ -3,8 +3,13 @@
 A `Registry` is an ordinary object: `default_registry()` builds the one lowering uses, tests
 build their own. Where several implementations fit a node, lowering takes the first that runs
 on the engine's device and whose `supports(node)` holds. An implementation with `bind` makes
-the node's callable at build time from the node and the weights: `gemm_act` times its two GPU
-implementations at the weight's shape there and keeps the faster one per token count.
+the node's callable at build time from the node and the weights: `gemm_act` times its GPU
+implementations at the weight's shape there and keeps the fastest one per token count.
+
+A few aten ops have entries too: on a GPU, `aten.linear` with a constant weight (every linear
+layer without an activation to fuse: QKV, output, gate/up, down, LM head) runs through the
+same measured plan, between cuBLAS and the Triton GEMV that streams weights faster at decode's
+few tokens. Where no entry fits an aten op, it stays as it is.
 """
 
 from __future__ import annotations
@@ -44,13 +49,21 @@ class Registry:
 
     def choose(self, node: Node, target: str, device: str = "cpu") -> Impl:
         """The first implementation for `device` (a device type) that supports the node."""
-        for impl in self.impls.get((node.target, target), []):
-            if device in impl.devices and impl.supports(node):
-                return impl
+        impl = self.find(node, target, device)
+        if impl is not None:
+            return impl
         raise LoweringError(
             f"no {target} implementation of {node.target} on {device} fits node {node.name} "
             f"({node.format_node()}); registered: {[i.name for i in self.impls.get((node.target, target), [])]}"
         )
+
+
+    def find(self, node: Node, target: str, device: str = "cpu") -> Impl | None:
+        """`choose`, or None where no implementation fits."""
+        for impl in self.impls.get((node.target, target), []):
+            if device in impl.devices and impl.supports(node):
+                return impl
+        return None
 
 
 def trtllm_ops() -> list:
@@ -74,6 +87,7 @@ def default_registry() -> Registry:
         if op in cuda:
             registry.register(op, "native", cuda[op])
         registry.register(op, "native", Impl("torch-reference", op))
+    registry.register(torch.ops.aten.linear.default, "native", cuda[torch.ops.aten.linear.default])
     return registry
 
 
@@ -100,7 +114,42 @@ def _cuda_impls() -> dict:
         "gemm_act, triton or cuBLAS by measurement", gemm.gemm_act_cublas, devices=("cuda",),
         bind=lambda node, weights: _plan_gemm_act(planner, node, weights),
     )
+    decode_planner = gemm.GemmActPlanner(token_counts=(1,))
+    impls[torch.ops.aten.linear.default] = Impl(
+        "linear, triton_gemv or cuBLAS by measurement", torch.ops.aten.linear.default, devices=("cuda",),
+        supports=_constant_linear, bind=lambda node, weights: _plan_linear(decode_planner, node, weights),
+    )
     return impls
+
+
+LINEAR_IMPLEMENTATIONS = ("cublas", "triton_gemv")  # a plain linear: cuBLAS, or the GEMV at decode
+# Up to this many tokens a plain linear takes its plan (timed at one token); above, cuBLAS
+# directly. The GEMV's lead over cuBLAS is 10-20% at 1 token and a few % at 16 (H100, Llama
+# shapes), while eager prefill steps of a few tokens pay its Python launch on every layer.
+LINEAR_PLAN_MAX_TOKENS = 4
+
+
+def _constant_linear(node: Node) -> bool:
+    """aten.linear(x, W[, b]) with W (and b) graph constants, W 2-D."""
+    weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    constant = [a for a in (weight, bias) if a is not None]
+    return all(isinstance(a, Node) and a.op == "get_attr" for a in constant) and (
+        getattr(weight.meta.get("val"), "ndim", 2) == 2)
+
+
+def _plan_linear(planner, node: Node, weights: dict[str, torch.Tensor]) -> Callable:
+    """The measured plan of this linear layer (gemm_act with no activation) for a few tokens."""
+    weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    w = weights[weight.target]
+    plan = planner.plan(*w.shape, w.dtype, "none", bias is not None, w.device, implementations=LINEAR_IMPLEMENTATIONS)
+
+    def linear_planned(x, weight, bias=None):  # aten.linear's signature
+        if x.numel() > LINEAR_PLAN_MAX_TOKENS * x.shape[-1]:
+            # cuBLAS with no dispatch in Python (eager prefill steps launch hundreds of these)
+            return torch.ops.aten.linear.default(x, weight, bias)
+        return plan(x, weight, bias, "none")
+
+    return linear_planned
 
 
 def _plan_gemm_act(planner, node: Node, weights: dict[str, torch.Tensor]) -> Callable:

@@ -161,8 +161,8 @@ def test_planning_off_cuda_raises():
 def test_planner_measures_each_shape_once(monkeypatch):
     planned = []
 
-    def fake_plan(n, k, dtype, act, has_bias, device, token_counts):
-        planned.append((n, act, token_counts))
+    def fake_plan(n, k, dtype, act, has_bias, device, token_counts, implementations):
+        planned.append((n, act, token_counts, implementations))
         return make_plan(act=act)
 
     monkeypatch.setattr(G, "plan_gemm_act", fake_plan)
@@ -170,8 +170,16 @@ def test_planner_measures_each_shape_once(monkeypatch):
     first = planner.plan(40, 48, torch.float32, "silu", True, "cpu")
     assert planner.plan(40, 48, torch.float32, "silu", True, "cpu") is first
     planner.plan(40, 48, torch.float32, "gelu", True, "cpu")
-    assert planned == [(40, "silu", (1, 64)), (40, "gelu", (1, 64))]
-    assert planner.describe().count("gemm_act n=40") == 2
+    only = planner.plan(40, 48, torch.float32, "gelu", True, "cpu", implementations=["cublas", "triton_gemv"])
+    assert only is not planner.plan(40, 48, torch.float32, "gelu", True, "cpu")  # another candidate set, another plan
+    assert planned == [(40, "silu", (1, 64), None), (40, "gelu", (1, 64), None),
+                       (40, "gelu", (1, 64), ("cublas", "triton_gemv"))]
+    assert planner.describe().count("gemm_act n=40") == 3
+
+
+def test_plan_refuses_unknown_implementations():
+    with pytest.raises(ValueError, match="unknown implementations"):
+        G.plan_gemm_act(8, 8, torch.float32, "none", False, "cuda", implementations=["cutlass"])
 
 
 # ---------------------------------------------------------------- GPU: Llama-3-8B shapes in bfloat16

@@ -129,3 +129,57 @@ def test_gemm_act_plan_binds_into_the_engine():
     assert planner.asked == [(3, 4, torch.float32, "relu", False, torch.device("cpu"))]
     xs = torch.randn(2, 4)
     assert torch.equal(module(xs)[0], torch.relu(xs @ weights["w"].T))
+
+
+def test_linear_with_constant_weight_runs_a_plan_on_cuda_only():
+    """aten.linear with a graph-constant weight lowers to a measured plan between cuBLAS and
+    the Triton GEMV on CUDA; on CPU, or with a weight computed in the graph, it stays aten."""
+    from torch.fx import GraphModule
+
+    from trtllm.lowering.engine import _executable
+    from trtllm.lowering.registry import LINEAR_IMPLEMENTATIONS, _constant_linear, _plan_linear
+
+    linear = torch.ops.aten.linear.default
+    registry = default_registry()
+    graph = Graph()
+    x = graph.placeholder("x")
+    constant = graph.call_function(linear, (x, graph.get_attr("w"), graph.get_attr("b")))
+    computed = graph.call_function(linear, (x, graph.call_function(torch.ops.aten.clone.default, (graph.get_attr("w"),))))
+    graph.output((constant, computed))
+    assert registry.find(constant, "native", "cuda").name.startswith("linear, triton_gemv or cuBLAS")
+    assert registry.find(constant, "native", "cpu") is None
+    assert registry.find(computed, "native", "cuda") is None
+
+    class Planner:  # stands in for GemmActPlanner, whose planning needs a GPU
+        asked = []
+
+        def plan(self, *key, implementations):
+            self.asked.append((*key, implementations))
+            return lambda x, weight, bias, act: torch.nn.functional.linear(x, weight, bias) + 1
+
+    planner = Planner()
+    mine = Registry()
+    mine.register(linear, "native", Impl("planned", linear, supports=_constant_linear,
+                                         bind=lambda n, w: _plan_linear(planner, n, w)))
+    weights = {"w": torch.randn(3, 4), "b": torch.randn(3)}
+    chosen = {}
+    module = _executable(graph, weights, "native", mine, torch.device("cpu"), chosen)
+    assert isinstance(module, GraphModule) and chosen == {constant.name: "planned"}
+    assert planner.asked == [(3, 4, torch.float32, "none", True, torch.device("cpu"), LINEAR_IMPLEMENTATIONS)]
+    xs = torch.randn(4, 4)
+    first = torch.nn.functional.linear(xs, weights["w"], weights["b"]) + 1  # the stand-in plan's mark
+    assert torch.equal(module(xs)[0], first)
+    assert torch.equal(module(xs)[1], torch.nn.functional.linear(xs, weights["w"]))
+
+
+@pytest.mark.gpu
+def test_linear_layers_run_their_plans_on_the_gpu():
+    model = make_model("llama")
+    llm = trtllm.compile(model, dtype="bf16", device="cuda")
+    report = llm.engine.describe_implementations()
+    assert "aten::linear: linear, triton_gemv or cuBLAS by measurement" in report
+    prompt = torch.tensor([list(range(10, 30))])
+    with torch.no_grad():
+        expected = model.to("cuda", torch.bfloat16)(prompt.cuda()).logits.float()
+    got = llm(prompt.cuda()).float()
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()

@@ -20,7 +20,6 @@ import math
 import torch
 import torch.nn.functional as F
 import triton.testing
-from e2e import copy_bandwidth
 from tqdm.auto import tqdm
 
 import trtllm.kernels.activation as act
@@ -28,6 +27,7 @@ import trtllm.kernels.attention_triton as attn_triton
 import trtllm.kernels.gemm as gemm
 import trtllm.kernels.norm as norm
 import trtllm.kernels.rope as rope
+from trtllm.frontend.bench import copy_bandwidth
 
 DTYPE = torch.bfloat16
 L2_BYTES = 50 * 2**20
