@@ -101,5 +101,14 @@ def traced_aten(module: torch.nn.Module, *inputs) -> torch.fx.GraphModule:
     return gm
 
 
+def linear_inputs(dtype, m_shape, k, n, bias=True, device="cpu"):
+    """x [*m_shape, K], weight [N, K] ~ N(0, 1/K) and bias [N] (or None), seeded, for GEMM tests."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*m_shape, k, generator=g).to(device, dtype)
+    weight = (torch.randn(n, k, generator=g) * k**-0.5).to(device, dtype)
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    return x, weight, b
+
+
 def count_op(gm: torch.fx.GraphModule, op) -> int:
     return sum(n.target is op for n in gm.graph.nodes)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
+from conftest import linear_inputs as gemm_inputs
 
 import trtllm.kernels.gemm as G
 
@@ -16,14 +17,6 @@ IMPLEMENTATIONS = {"triton": G.gemm_act_triton, "cublas": G.gemm_act_cublas}
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2}  # atol = rtol
 # (leading dims of x, K, N): M = 1, 5 and 33, no dimension a multiple of the tiles.
 SHAPES = [((1,), 48, 40), ((5,), 64, 96), ((3, 11), 48, 96)]
-
-
-def gemm_inputs(dtype, m_shape, k, n, bias=True, device="cpu"):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(*m_shape, k, generator=g).to(device, dtype)
-    weight = (torch.randn(n, k, generator=g) * k**-0.5).to(device, dtype)
-    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
-    return x, weight, b
 
 
 def assert_close_to_ref(out, x, weight, b, act):

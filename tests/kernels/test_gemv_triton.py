@@ -10,18 +10,11 @@ import math
 
 import pytest
 import torch
+from conftest import linear_inputs as gemv_inputs
 
 import trtllm.kernels.gemm as G
 
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # atol = rtol
-
-
-def gemv_inputs(dtype, m_shape, k, n, bias=True, device="cpu"):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(*m_shape, k, generator=g).to(device, dtype)
-    weight = (torch.randn(n, k, generator=g) * k**-0.5).to(device, dtype)
-    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
-    return x, weight, b
 
 
 def assert_close_to_ref(out, x, weight, b, act):
