@@ -25,8 +25,10 @@ import traceback
 import torch
 import triton
 import triton.testing
+from kernel_bench import graph_ms  # benchmarks/kernel_bench.py: a script's own folder is on sys.path
 
 import trtllm.kernels.gemm as G
+import trtllm.kernels.gemv as V
 
 DTYPE = torch.bfloat16
 MODELS = {  # name: (decoder layers, {GEMM: (N, K)}), the LM head last
@@ -38,19 +40,6 @@ MODELS = {  # name: (decoder layers, {GEMM: (N, K)}), the LM head last
 LAYER_GEMMS = ("qkv", "o", "gate_up", "down")
 IMPLS = {"triton_gemv": G.gemm_act_gemv, "cublas": G.gemm_act_cublas}
 REL_TOL = 1e-2  # bf16: a few roundings of the output apart
-
-
-def graph_ms(calls: list, rep_ms: int = 10) -> float:
-    """Median ms of one pass over `calls` (zero-argument callables), replayed in a CUDA graph."""
-    for call in calls:
-        call()  # compile, autotune
-    torch.cuda.synchronize()
-
-    def run():
-        for call in calls:
-            call()
-
-    return triton.testing.do_bench_cudagraph(run, rep=rep_ms, return_mode="median")
 
 
 def weight_copies(nbytes: int) -> int:
@@ -80,7 +69,7 @@ def gemm_bytes(m: int, n: int, k: int) -> int:
 
 
 def chosen_config() -> str:
-    config = G._gemv_act_kernel.best_config
+    config = V._gemv_act_kernel.best_config
     return f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}"
 
 

@@ -35,20 +35,25 @@ LLAMA3_8B_GEMMS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 40
                    "down": (4096, 14336)}  # name: (N, K)
 
 
-def bench_ms(make_call, bytes_per_call: int = 0) -> float:
-    """Median ms of one call; make_call() returns a zero-argument callable over fresh inputs.
-    Enough input sets to span 3x L2 are cycled inside one captured graph."""
-    copies = max(1, min(16, math.ceil(3 * L2_BYTES / max(bytes_per_call, 1))))
-    calls = [make_call() for _ in range(copies)]
+def graph_ms(calls: list, rep_ms: int = 10) -> float:
+    """Median ms of one pass over `calls` (zero-argument callables), replayed in a CUDA graph
+    (each call runs once before, to compile and autotune)."""
     for call in calls:
-        call()  # compile, autotune
+        call()
     torch.cuda.synchronize()
 
     def run():
         for call in calls:
             call()
 
-    return triton.testing.do_bench_cudagraph(run, rep=200, return_mode="median") / copies
+    return triton.testing.do_bench_cudagraph(run, rep=rep_ms, return_mode="median")
+
+
+def bench_ms(make_call, bytes_per_call: int = 0) -> float:
+    """Median ms of one call; make_call() returns a zero-argument callable over fresh inputs.
+    Enough input sets to span 3x L2 are cycled inside one captured graph."""
+    copies = max(1, min(16, math.ceil(3 * L2_BYTES / max(bytes_per_call, 1))))
+    return graph_ms([make_call() for _ in range(copies)], rep_ms=200) / copies
 
 
 def cublas_tflops() -> float:

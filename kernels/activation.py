@@ -155,3 +155,22 @@ def _check_gated(op: str, x: Tensor) -> None:
             f"{op}: x must be a floating tensor [..., 2F] (gate, then up) with an even last "
             f"dim, got {tuple(x.shape)} {x.dtype}"
         )
+
+
+# ---------------------------------------------------------------- shared with the GEMM epilogues
+
+
+@triton.jit
+def apply_act(y, ACT: tl.constexpr):
+    """act(y) on a float32 block; ACT: "none", "relu", "gelu" (erf), "gelu_tanh" or "silu"
+    (the keys of `gemm.ACTIVATIONS`). Epilogue of the GEMM and GEMV kernels."""
+    if ACT == "relu":
+        y = tl.maximum(y, 0.0)
+    elif ACT == "gelu":
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))  # erf(y / sqrt(2))
+    elif ACT == "gelu_tanh":
+        # 0.5 * (1 + tanh(u)) = sigmoid(2u), u = sqrt(2 / pi) * (y + 0.044715 y^3): no tanh needed.
+        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+    elif ACT == "silu":
+        y = y * tl.sigmoid(y)
+    return y

@@ -1,4 +1,4 @@
-"""gemm_act_gemv against gemm_act_ref, and where GemmActPlan times and routes it.
+"""gemv.gemm_act_gemv against gemm_act_ref, and where GemmActPlan times and routes it.
 
 Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py), whose tl.dot computes
 bfloat16 wrongly: bfloat16 is checked on the CUDA-core path (M <= 4: products in float32, one
@@ -13,6 +13,7 @@ import torch
 from conftest import linear_inputs as gemv_inputs
 
 import trtllm.kernels.gemm as G
+import trtllm.kernels.gemv as V
 
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # atol = rtol
 
@@ -41,50 +42,50 @@ def test_gemv_matches_ref(dtype, bias, m_shape, k, n):
     if dtype == torch.bfloat16 and math.prod(m_shape) > 4:  # M > 4 takes tl.dot in the interpreter
         pytest.skip("the interpreter's bfloat16 tl.dot is wrong; checked on the GPU")
     x, weight, b = gemv_inputs(dtype, m_shape, k, n, bias)
-    assert_close_to_ref(G.gemm_act_gemv(x, weight, b, "silu"), x, weight, b, "silu")
+    assert_close_to_ref(V.gemm_act_gemv(x, weight, b, "silu"), x, weight, b, "silu")
 
 
 @pytest.mark.parametrize("act", sorted(G.ACTIVATIONS))
 @pytest.mark.parametrize("m", [1, 5])
 def test_gemv_activations(act, m):
     x, weight, b = gemv_inputs(torch.float32, (m,), 40, 24)
-    assert_close_to_ref(G.gemm_act_gemv(x * 3, weight, b, act), x * 3, weight, b, act)
+    assert_close_to_ref(V.gemm_act_gemv(x * 3, weight, b, act), x * 3, weight, b, act)
 
 
-UNIQUE_CONFIGS = list({str(c): c for cs in G._GEMV_CONFIGS.values() for c in cs}.values())
+UNIQUE_CONFIGS = list({str(c): c for cs in V._GEMV_CONFIGS.values() for c in cs}.values())
 
 
 @pytest.mark.parametrize("config", UNIQUE_CONFIGS, ids=str)
 def test_every_autotune_config(config):
     x, weight, b = gemv_inputs(torch.float32, (config.kwargs["BLOCK_M"] + 1,), 80, 36)
-    assert_close_to_ref(G._launch_gemv_act(x, weight, b, "gelu", config=config), x, weight, b, "gelu")
+    assert_close_to_ref(V._launch_gemv_act(x, weight, b, "gelu", config=config), x, weight, b, "gelu")
 
 
 # Tiles of 16 along K: K = 48 is three whole tiles, 50 leaves a remainder, 8 only a remainder.
-@pytest.mark.parametrize("config", [G._gemv_config(2, 4, 16, 1), G._gemv_config(16, 16, 16, 1, 1)], ids=str)
+@pytest.mark.parametrize("config", [V._gemv_config(2, 4, 16, 1), V._gemv_config(16, 16, 16, 1, 1)], ids=str)
 @pytest.mark.parametrize("k", [48, 50, 8])
 def test_k_tiles_and_remainder(config, k):
     x, weight, b = gemv_inputs(torch.float32, (19,), k, 37)
-    assert_close_to_ref(G._launch_gemv_act(x, weight, b, "relu", config=config), x, weight, b, "relu")
+    assert_close_to_ref(V._launch_gemv_act(x, weight, b, "relu", config=config), x, weight, b, "relu")
 
 
 def test_gemv_strided_x_and_weight():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(48, 2, generator=g).t()  # [2, 48], stride 1 along M, not along K
     weight = torch.randn(48, 40, generator=g).t()  # [40, 48], column-major
-    assert_close_to_ref(G.gemm_act_gemv(x, weight, None, "relu"), x, weight, None, "relu")
+    assert_close_to_ref(V.gemm_act_gemv(x, weight, None, "relu"), x, weight, None, "relu")
 
 
 def test_gemv_no_tokens():
     x, weight, b = gemv_inputs(torch.float32, (0,), 48, 40)
-    out = G.gemm_act_gemv(x, weight, b, "silu")
+    out = V.gemm_act_gemv(x, weight, b, "silu")
     assert out.shape == (0, 40) and out.dtype == torch.float32
 
 
 def test_m_bucket_and_config_pruning():
-    assert [G._gemv_m_bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 100)] == [1, 2, 4, 4, 8, 16, 16, 16]
-    for m_bucket, configs in G._GEMV_CONFIGS.items():
-        assert G._gemv_configs_for_m_bucket([], {"M_BUCKET": m_bucket}) == configs
+    assert [V._gemv_m_bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 100)] == [1, 2, 4, 4, 8, 16, 16, 16]
+    for m_bucket, configs in V._GEMV_CONFIGS.items():
+        assert V._gemv_configs_for_m_bucket([], {"M_BUCKET": m_bucket}) == configs
         # CUDA-core row tiles of at most the bucket's rows, or tl.dot tiles of 16 rows.
         assert all(c.kwargs["BLOCK_M"] <= m_bucket or c.kwargs["BLOCK_M"] == 16 for c in configs)
 
@@ -149,7 +150,7 @@ def relative_error(out, expected):
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 40])
 def test_llama_shapes_bf16_on_gpu(n, k, m):
     x, weight, b = gemv_inputs(torch.bfloat16, (m,), k, n, device="cuda")
-    out = G.gemm_act_gemv(x, weight, b, "silu")
+    out = V.gemm_act_gemv(x, weight, b, "silu")
     assert out.shape == (m, n) and out.dtype == torch.bfloat16 and out.is_contiguous()
     assert relative_error(out, G.gemm_act_ref(x, weight, b, "silu")) < 1e-2
 
@@ -158,7 +159,7 @@ def test_llama_shapes_bf16_on_gpu(n, k, m):
 @pytest.mark.parametrize("config", UNIQUE_CONFIGS, ids=str)
 def test_every_config_ragged_bf16_on_gpu(config):
     x, weight, b = gemv_inputs(torch.bfloat16, (config.kwargs["BLOCK_M"] + 1,), 1000, 333, device="cuda")
-    out = G._launch_gemv_act(x, weight, b, "gelu_tanh", config=config)
+    out = V._launch_gemv_act(x, weight, b, "gelu_tanh", config=config)
     assert relative_error(out, G.gemm_act_ref(x, weight, b, "gelu_tanh")) < 1e-2
 
 
