@@ -39,7 +39,7 @@ class RuntimeConfig:
     max_seq_len: int = 2048  # prompt plus generated tokens of one request
     block_size: int = 32  # tokens per KV-cache block
     num_blocks: int | None = None  # KV-cache blocks (None: enough for max_batch_size full sequences)
-    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (on a GPU)
+    cuda_graphs: bool = True  # replay decode steps and short one-sequence steps from CUDA graphs (on a GPU)
     decode_steps: int = 8  # decode steps run back to back between host syncs (1: sync every token)
 
     def blocks(self) -> int:
@@ -86,6 +86,12 @@ class StepTiming:
     def stop(self) -> None:
         self.wall_s = time.perf_counter() - self._start_wall
 
+    def take_device(self, other: StepTiming) -> None:
+        """The device side of a burst that another step launched and this step read."""
+        self.kind, self.num_sequences, self.num_tokens, self.num_steps = (
+            other.kind, other.num_sequences, other.num_tokens, other.num_steps)
+        self._events, self._device_s = other._events, other._device_s
+
     @property
     def device_s(self) -> float:
         if self._device_s is None:
@@ -98,6 +104,18 @@ def _burstable(params: SamplingParams) -> bool:
     """A request whose tokens need nothing from the host between steps: no penalties (they
     read the tokens so far), no logprobs, no stop strings (they read the text), no beams."""
     return not (has_penalty(params) or params.logprobs is not None or params.stop or params.num_beams > 1)
+
+
+@dataclass
+class _Burst:
+    """A burst of decode steps launched on the device and not yet read by the host."""
+
+    batch: ScheduledBatch  # its sequences
+    tokens: torch.Tensor  # [num_steps, n] on the device; the last row feeds a burst that follows
+    host_tokens: torch.Tensor  # [num_steps, n], where they are being copied (pinned on a GPU)
+    copied: torch.cuda.Event | None  # the copy has landed (None: the copy was synchronous)
+    sampler: Callable[[torch.Tensor], torch.Tensor]  # logits -> tokens for its rows, reused by a burst that follows
+    timing: StepTiming | None  # its device span, when steps are timed
 
 
 @dataclass
@@ -129,7 +147,8 @@ class LLMEngine:
                                 spec.head_dim, engine.dtype, engine.device)
         self.scheduler = Scheduler(config.block_size, self.pool.num_blocks, config.max_batch_size,
                                    config.max_num_tokens, config.max_seq_len)
-        self.runner = ModelRunner(engine, self.pool, config.max_batch_size, config.max_seq_len, config.cuda_graphs)
+        self.runner = ModelRunner(engine, self.pool, config.max_batch_size, config.max_seq_len, config.cuda_graphs,
+                                  config.max_num_tokens)
         self.runner.capture()
         self._requests: dict[str, _RequestState] = {}
         # finished, not yet handed to their caller: each request's outputs (a beam search may give several)
@@ -140,6 +159,12 @@ class LLMEngine:
         self._lock = threading.RLock()
         self._step_gate: asyncio.Lock | None = None  # one astream step at a time (made in the event loop)
         self._steps_done = 0
+        self._in_flight: _Burst | None = None  # a burst launched and not yet read
+        # Two pinned buffers for bursts' tokens, [decode_steps, max_batch_size]: one burst is
+        # read from one while the next copies into the other.
+        pin = engine.device.type == "cuda"
+        self._readback = [torch.empty((config.decode_steps, config.max_batch_size), dtype=torch.long, pin_memory=pin)
+                          for _ in range(2)]
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; it joins the running batch at the next step. Returns its id."""
@@ -199,6 +224,8 @@ class LLMEngine:
         return self.scheduler.request(request_id).group_id or request_id
 
     def _step(self, timing: StepTiming | None = None) -> list[list[GenerationOutput]]:
+        if self._in_flight is not None:
+            return self._land(timing)
         batch = self.scheduler.schedule()
         if not batch.sequences:
             return []
@@ -249,15 +276,51 @@ class LLMEngine:
 
     def _burst(self, batch: ScheduledBatch, num_steps: int, rows: list[SampleRow],
                timing: StepTiming | None) -> list[list[GenerationOutput]]:
-        """num_steps decode steps back to back on the device; the host reads the tokens once."""
+        """num_steps decode steps back to back on the device; the host reads the tokens once,
+        after it has launched the burst that follows where one may (`_land`)."""
         assert not batch.block_copies, "beams, which share blocks, never burst"
-        tokens = self.runner.decode(batch.sequences, num_steps,
-                                    functools.partial(sample_tokens, batch=SamplingBatch.build(rows, self.engine.device)))
+        sampler = functools.partial(sample_tokens, batch=SamplingBatch.build(rows, self.engine.device))
+        tokens = self.runner.decode(batch.sequences, num_steps, sampler)
+        self._in_flight = self._launched(batch, tokens, sampler, timing)
+        return self._land(timing)
+
+    def _launched(self, batch: ScheduledBatch, tokens: torch.Tensor, sampler: Callable[[torch.Tensor], torch.Tensor],
+                  timing: StepTiming | None) -> _Burst:
+        """A burst just launched: its tokens `[num_steps, n]` start their copy to the host."""
+        num_steps, n = tokens.shape
+        self._readback = self._readback[::-1]  # the other buffer: the burst before may still be read from this one
+        host = self._readback[0][:num_steps, :n]
+        host.copy_(tokens, non_blocking=True)
+        copied = None
+        if self.engine.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
         if timing is not None:
             timing.num_steps = num_steps
             timing.stop_device()
-        per_request = tokens.T.tolist()  # [n][num_steps]
-        finished = self.scheduler.update(batch, {s.request_id: t for s, t in zip(batch.sequences, per_request)})
+        return _Burst(batch, tokens, host, copied, sampler, timing)
+
+    def _land(self, timing: StepTiming | None) -> list[list[GenerationOutput]]:
+        """Read the burst in flight and record its tokens. Before waiting for it, launch the
+        burst that follows it where the scheduler allows one (`Scheduler.chain_burst`): the
+        GPU then computes that one while the host reads and records this one."""
+        burst, self._in_flight = self._in_flight, None
+        num_steps = burst.tokens.shape[0]
+        chain = self.scheduler.chain_burst(burst.batch, num_steps, self.config.decode_steps)
+        if chain is not None:
+            batch, chain_steps = chain
+            chain_timing = None
+            if self.step_timings is not None:
+                chain_timing = StepTiming(self.engine.device)
+                chain_timing.start_device(batch)
+            tokens = self.runner.resume(batch.sequences, burst.tokens[-1], chain_steps, burst.sampler)
+            self._in_flight = self._launched(batch, tokens, burst.sampler, chain_timing)
+        if burst.copied is not None:
+            burst.copied.synchronize()
+        if timing is not None and burst.timing is not None and burst.timing is not timing:
+            timing.take_device(burst.timing)
+        per_request = burst.host_tokens.T.tolist()  # [n][num_steps]
+        finished = self.scheduler.update(burst.batch, {s.request_id: t for s, t in zip(burst.batch.sequences, per_request)})
         return [self._finish(r) for r in finished]
 
     def _stop_strings(self, request_ids: list[str]) -> list[Request]:

@@ -6,15 +6,20 @@
 N counts the sequences that sample this step (a prefill chunk that does not reach the end of
 its prompt computes no logits).
 
-Steps with prefills run eagerly, their inputs built fresh. Steps of decodes alone run from
-fixed input buffers (`_DecodeInputs`) padded to a batch-size bucket (1, 2, 4, ...,
-max_batch_size): on a GPU each bucket's step is a CUDA graph captured once (`capture`), all
-sharing one memory pool, and a step is "fill the buffers in place, replay". A burst
+Two kinds of step run from fixed input buffers (`_StepInputs`), padded to a bucket: steps of
+decodes alone, padded to a batch-size bucket (1, 2, 4, ..., max_batch_size), and steps of one
+sequence with at most `PREFILL_GRAPH_TOKENS` new tokens (a short prompt, or the last chunk of
+a long one), padded to a token-count bucket (16, 32, ..., 256). On a GPU each bucket's step is
+a CUDA graph captured once (`capture`), all sharing one memory pool, and a step is "fill the
+buffers in place, replay": the GPU never waits for the host's launches of hundreds of
+kernels. Every other step (several prefills, or prefills mixed with decodes: large, GPU-bound)
+runs eagerly, its inputs built fresh. A burst
 (`decode(..., num_steps=K)`) runs K decode steps back to back with no host round trip: each
 step's sampled tokens are written on the device into the next step's inputs, and positions,
 context lengths and cache slots advance there too; the host reads the K tokens once at the end.
-Padding rows feed token 0 at position 0 with a context of one token, write no cache slot
-(slot -1) and are never sampled.
+Padding rows feed token 0 at position 0 and write no cache slot (slot -1); a padding
+sequence (in a decode bucket) has one such token and a context of one, and a short step's
+padding tokens after its sequence belong to none. Padding is never sampled.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -31,6 +37,9 @@ from trtllm.lowering.engine import Engine
 from .kv_cache import KVCachePool
 from .scheduler import ScheduledBatch, ScheduledSequence
 
+PREFILL_GRAPH_TOKENS = 256  # one-sequence steps of at most this many new tokens replay graphs too
+_FIRST_PREFILL_BUCKET = 16
+
 
 def graph_buckets(max_batch_size: int) -> list[int]:
     """Decode batch sizes that get their own graph: powers of two below max_batch_size, and it."""
@@ -38,19 +47,30 @@ def graph_buckets(max_batch_size: int) -> list[int]:
     return buckets + [max_batch_size]
 
 
+def prefill_buckets(max_num_tokens: int) -> list[int]:
+    """Token counts of one-sequence steps that get their own graph: 16, 32, ... below
+    min(max_num_tokens, PREFILL_GRAPH_TOKENS), and that limit."""
+    limit = min(max_num_tokens, PREFILL_GRAPH_TOKENS)
+    buckets = [b for b in graph_buckets(limit) if _FIRST_PREFILL_BUCKET <= b < limit]
+    return buckets + [limit]
+
+
 class ModelRunner:
     def __init__(self, engine: Engine, pool: KVCachePool, max_batch_size: int = 8, max_seq_len: int = 2048,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, max_num_tokens: int = 2048):
         self.engine = engine
         self.pool = pool
         self.device = engine.device
         self.buckets = graph_buckets(max_batch_size)
+        self.prefill_buckets = prefill_buckets(max_num_tokens)
         self.max_batch_size = max_batch_size
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        self._decode = _DecodeInputs(max_batch_size, math.ceil(max_seq_len / pool.block_size), pool.block_size,
-                                     self.device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._graph_logits: dict[int, torch.Tensor] = {}  # each graph's output [bucket, V]
+        self._inputs = _StepInputs(max(max_batch_size, self.prefill_buckets[-1]), max_batch_size,
+                                   math.ceil(max_seq_len / pool.block_size), pool.block_size, self.device)
+        # Graphs and their outputs [rows, V] by (tokens, sequences): (b, b) for a decode bucket
+        # of b, (t, 1) for a one-sequence step of t tokens.
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graph_logits: dict[tuple[int, int], torch.Tensor] = {}
 
     # -- any step -------------------------------------------------------------------------
 
@@ -60,6 +80,11 @@ class ModelRunner:
         self.pool.copy_blocks(batch.block_copies)
         if batch.num_prefills == 0 and len(batch.sequences) <= self.max_batch_size:
             return self.decode(batch.sequences)
+        if len(batch.sequences) == 1 and batch.num_tokens <= self.prefill_buckets[-1]:
+            (seq,) = batch.sequences
+            num_tokens = next(b for b in self.prefill_buckets if b >= batch.num_tokens)
+            self._inputs.fill(batch.sequences, num_tokens, 1)
+            return self._step((num_tokens, 1))[: int(seq.samples)]
         rows, row = [], 0
         for seq in batch.sequences:
             row += len(seq.token_ids)
@@ -107,40 +132,58 @@ class ModelRunner:
         tokens."""
         n = len(sequences)
         bucket = next(b for b in self.buckets if b >= n)
-        self._decode.fill(sequences, bucket)
+        self._inputs.fill(sequences, bucket, bucket)
         if sample is None:
             assert num_steps == 1, "a burst of decode steps needs a sampler"
-            return self._step(bucket)[:n]
+            return self._step((bucket, bucket))[:n]
+        return self._burst(n, bucket, num_steps, sample)
+
+    def resume(self, sequences: Sequence[ScheduledSequence], last_tokens: torch.Tensor, num_steps: int,
+               sample: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A burst that goes on from the last burst (`decode` or `resume`) over the same
+        sequences, launched before the host has read that burst's tokens: it feeds
+        `last_tokens [n]` (that burst's last sampled tokens, on the device) and reads only the
+        block tables of `sequences` (`Scheduler.chain_burst`'s) from the host. Returns the
+        sampled tokens `[num_steps, n]` on the device."""
+        n = len(sequences)
+        self._inputs.fill_tables(sequences)
+        self._inputs.advance(last_tokens)
+        return self._burst(n, next(b for b in self.buckets if b >= n), num_steps, sample)
+
+    def _burst(self, n: int, bucket: int, num_steps: int, sample: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         tokens = torch.empty((num_steps, n), dtype=torch.long, device=self.device)
         for step in range(num_steps):
-            tokens[step] = sample(self._step(bucket)[:n])
+            tokens[step] = sample(self._step((bucket, bucket))[:n])
             if step + 1 < num_steps:
-                self._decode.advance(tokens[step])
+                self._inputs.advance(tokens[step])
         return tokens
 
-    def _step(self, bucket: int) -> torch.Tensor:
-        """Logits `[bucket, V]` of one decode step over the filled buffers."""
-        graph = self._graphs.get(bucket)
+    def _step(self, shape: tuple[int, int]) -> torch.Tensor:
+        """Logits of one step over the filled buffers, padded to `shape` = (tokens, sequences):
+        `[sequences, V]`, a row per sequence (a decode bucket) or one row (a one-sequence step)."""
+        graph = self._graphs.get(shape)
         if graph is None:
-            return self.engine(**self._decode.inputs(bucket), **self._cache_inputs())
+            return self.engine(**self._inputs.inputs(*shape), **self._cache_inputs())
         graph.replay()
-        return self._graph_logits[bucket]
+        return self._graph_logits[shape]
 
     def capture(self, progress: bool = True) -> None:
-        """Capture one CUDA graph per bucket, largest first, in one shared memory pool."""
+        """Capture one CUDA graph per decode bucket and per one-sequence token bucket, largest
+        first, in one shared memory pool."""
         if not self.use_graphs or self._graphs:
             return
         pool = torch.cuda.graph_pool_handle()
-        for bucket in tqdm(self.buckets[::-1], desc="capturing CUDA graphs", disable=not progress, leave=False):
-            self._decode.fill([], bucket)  # all padding: writes no cache slot
-            inputs = {**self._decode.inputs(bucket), **self._cache_inputs()}
+        shapes = [(t, 1) for t in self.prefill_buckets[::-1]] + [(b, b) for b in self.buckets[::-1]]
+        for shape in tqdm(shapes, desc="capturing CUDA graphs", disable=not progress, leave=False):
+            self._inputs.fill([], *shape)  # all padding: writes no cache slot
+            inputs = {**self._inputs.inputs(*shape), **self._cache_inputs()}
             for _ in range(2):  # compile and autotune every kernel outside the capture
                 self.engine(**inputs)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._graph_logits[bucket] = self.engine(**inputs)
-            self._graphs[bucket] = graph
+                self._graph_logits[shape] = self.engine(**inputs)
+            self._graphs[shape] = graph
         torch.cuda.synchronize(self.device)
 
     @property
@@ -148,67 +191,104 @@ class ModelRunner:
         return len(self._graphs)
 
 
-class _DecodeInputs:
-    """A decode step's inputs in fixed buffers sized for max_batch_size; a bucket of b
-    sequences reads the first b rows. Filled in place from pinned host memory, so that filling
-    never waits for the GPU."""
+class _StepInputs:
+    """A padded step's inputs in fixed buffers: up to max_tokens tokens of up to max_seqs
+    sequences; a step of (t tokens, s sequences) reads the first t token rows and s sequence
+    rows. Filled in place from pinned host memory, so that filling never waits for the GPU."""
 
-    def __init__(self, max_batch_size: int, max_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, block_size: int, device: torch.device):
         self.block_size = block_size
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
         pin = device.type == "cuda"
-        # int64 [3, B]: input token, position, cache slot; int32 [B + B * max_blocks]: context
-        # lengths, then the block tables [B, max_blocks]
-        self._host64 = torch.zeros((3, max_batch_size), dtype=torch.long, pin_memory=pin)
-        self._host32 = torch.zeros(max_batch_size * (1 + max_blocks), dtype=torch.int32, pin_memory=pin)
+        # int64 [3 * max_tokens + max_seqs]: input tokens, positions, cache slots, then the
+        # sampled rows; int32 [max_seqs + (max_seqs + 1) + max_seqs * max_blocks]: context
+        # lengths, cu_seqlens, then the block tables [max_seqs, max_blocks]
+        self._host64 = torch.zeros(3 * max_tokens + max_seqs, dtype=torch.long, pin_memory=pin)
+        self._host32 = torch.zeros(max_seqs * (2 + max_blocks) + 1, dtype=torch.int32, pin_memory=pin)
         self._dev64 = torch.zeros_like(self._host64, device=device)
         self._dev32 = torch.zeros_like(self._host32, device=device)
         self._np64, self._np32 = self._host64.numpy(), self._host32.numpy()
-        self._np_tables = self._np32[max_batch_size:].reshape(max_batch_size, max_blocks)
-        self.seq_lens = self._dev32[:max_batch_size]  # [B]
-        self.block_tables = self._dev32[max_batch_size:].view(max_batch_size, max_blocks)  # [B, max_blocks]
-        self.cu_seqlens = torch.arange(max_batch_size + 1, dtype=torch.int32, device=device)  # one token each
-        self.rows = torch.arange(max_batch_size, dtype=torch.long, device=device)  # every row samples
+        t, s = max_tokens, max_seqs
+        self._np_ids, self._np_positions, self._np_slots = self._np64[: 3 * t].reshape(3, t)
+        self._np_rows = self._np64[3 * t:]
+        self._np_lens, self._np_cu = self._np32[:s], self._np32[s: 2 * s + 1]
+        self._np_tables = self._np32[2 * s + 1:].reshape(s, max_blocks)
+        self.token_rows = self._dev64[: 3 * t].view(3, t)  # [3, max_tokens]: ids, positions, slots
+        self.rows = self._dev64[3 * t:]  # [max_seqs] rows whose logits are computed
+        self.seq_lens = self._dev32[:s]  # [max_seqs]
+        self.cu_seqlens = self._dev32[s: 2 * s + 1]  # [max_seqs + 1]
+        self.block_tables = self._dev32[2 * s + 1:].view(s, max_blocks)  # [max_seqs, max_blocks]
+        self._host_tables = self._host32[2 * s + 1:].view(s, max_blocks)
         self._copied = torch.cuda.Event() if pin else None  # the last fill's copy has landed
 
-    def fill(self, sequences: Sequence[ScheduledSequence], bucket: int) -> None:
-        n = len(sequences)
+    def fill(self, sequences: Sequence[ScheduledSequence], num_tokens: int, num_seqs: int) -> None:
+        """Write `sequences` padded to (num_tokens, num_seqs): each padding sequence gets one
+        padding token, and the padding tokens left over come after the last sequence."""
         if self._copied is not None:
             self._copied.synchronize()  # the host buffers may be rewritten
-        ids, positions, slots = self._np64
-        lens = self._np32[: len(self.seq_lens)]
+        ids, positions, slots, lens, cu = self._np_ids, self._np_positions, self._np_slots, self._np_lens, self._np_cu
+        block_size, t = self.block_size, 0
         for i, seq in enumerate(sequences):
-            assert len(seq.token_ids) == 1, "decode buffers take one token per sequence"
-            position = seq.positions[0]
-            ids[i], positions[i] = seq.token_ids[0], position
-            slots[i] = seq.block_ids[position // self.block_size] * self.block_size + position % self.block_size
+            cu[i] = t
             lens[i] = seq.context_len
             self._np_tables[i, : len(seq.block_ids)] = seq.block_ids
-        ids[n:bucket], positions[n:bucket], slots[n:bucket], lens[n:bucket] = 0, 0, -1, 1
-        self._np_tables[n:bucket] = 0
+            if len(seq.token_ids) == 1:  # a decode: the common case, kept scalar
+                position = seq.positions[0]
+                ids[t], positions[t] = seq.token_ids[0], position
+                slots[t] = seq.block_ids[position // block_size] * block_size + position % block_size
+                t += 1
+                continue
+            end = t + len(seq.token_ids)
+            ids[t:end], positions[t:end] = seq.token_ids, seq.positions
+            pos = positions[t:end]
+            slots[t:end] = np.asarray(seq.block_ids)[pos // block_size] * block_size + pos % block_size
+            t = end
+        n = len(sequences)
+        assert t <= num_tokens and n <= num_seqs and num_tokens - t >= num_seqs - n, "the step outgrows its bucket"
+        cu[n] = t
+        self._np_rows[:n] = cu[1: n + 1] - 1  # each sequence's last token
+        cu[n + 1: num_seqs + 1] = t + np.arange(1, num_seqs - n + 1)
+        ids[t:num_tokens], positions[t:num_tokens], slots[t:num_tokens] = 0, 0, -1
+        lens[n:num_seqs], self._np_rows[n:num_seqs] = 1, 0
+        self._np_tables[n:num_seqs] = 0
         self._dev64.copy_(self._host64, non_blocking=True)
         self._dev32.copy_(self._host32, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 
+    def fill_tables(self, sequences: Sequence[ScheduledSequence]) -> None:
+        """Rewrite only the block tables of the first len(sequences) rows (the device holds the
+        rest of the step's state)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        n = len(sequences)
+        for i, seq in enumerate(sequences):
+            self._np_tables[i, : len(seq.block_ids)] = seq.block_ids
+        self.block_tables[:n].copy_(self._host_tables[:n], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
     def advance(self, tokens: torch.Tensor) -> None:
-        """On the device: the next step feeds `tokens [n]` at the next positions of the first n rows."""
+        """On the device: the next step feeds `tokens [n]` at the next positions of the first n
+        rows (a decode bucket's: sequence i is token row i)."""
         n = tokens.shape[0]
-        ids, positions, slots = self._dev64[:, :n]
+        ids, positions, slots = self.token_rows[:, :n]
         ids.copy_(tokens)
         positions.add_(1)
         self.seq_lens[:n].add_(1)
         blocks = self.block_tables[:n].gather(1, (positions // self.block_size)[:, None])[:, 0]  # [n]
         torch.add(positions % self.block_size, blocks.long(), alpha=self.block_size, out=slots)
 
-    def inputs(self, bucket: int) -> dict[str, torch.Tensor]:
+    def inputs(self, num_tokens: int, num_seqs: int) -> dict[str, torch.Tensor]:
+        ids, positions, slots = self.token_rows[:, :num_tokens]
         return {
-            "input_ids": self._dev64[0, :bucket][None],  # [1, bucket]
-            "position_ids": self._dev64[1, :bucket][None],  # [1, bucket]
-            "logits_indices": self.rows[:bucket],  # [bucket]
-            "cu_seqlens_q": self.cu_seqlens[: bucket + 1],
-            "seq_lens_kv": self.seq_lens[:bucket],
-            "block_tables": self.block_tables[:bucket],
-            "slot_mapping": self._dev64[2, :bucket],
+            "input_ids": ids[None],  # [1, num_tokens]
+            "position_ids": positions[None],  # [1, num_tokens]
+            "logits_indices": self.rows[:num_seqs],  # [num_seqs]
+            "cu_seqlens_q": self.cu_seqlens[: num_seqs + 1],
+            "seq_lens_kv": self.seq_lens[:num_seqs],
+            "block_tables": self.block_tables[:num_seqs],
+            "slot_mapping": slots,
         }
 
 

@@ -417,24 +417,73 @@ class Scheduler:
         (nothing is preempted for a burst), and a single step while waiting requests could join
         the batch (they should not wait for a burst). Returns the batch with its longer block
         tables, and the steps granted."""
-        if batch.num_prefills or (self._waiting and self._num_running_sequences() < self.max_batch_size):
+        if batch.num_prefills or self._could_admit():
             return batch, 1
         requests = [self._requests[s.request_id] for s in batch.sequences]
-        num_steps = min([num_steps] + [r.max_new_tokens - len(r.output_token_ids) for r in requests])
-
-        def blocks_needed(steps: int) -> list[int]:  # context after the burst: num_tokens + steps - 1
-            return [_cdiv(r.num_tokens + steps - 1, self.block_size) - len(r.block_ids) for r in requests]
-
-        while num_steps > 1 and sum(max(0, n) for n in blocks_needed(num_steps)) > self._allocator.num_free:
-            num_steps -= 1
+        num_steps = self._grant_steps(requests, [r.num_tokens for r in requests],
+                                      [num_steps] + [r.max_new_tokens - len(r.output_token_ids) for r in requests])
         if num_steps <= 1:
             return batch, 1
-        for sequence, request, needed in zip(batch.sequences, requests, blocks_needed(num_steps)):
-            if needed > 0:
-                new = self._allocator.allocate(needed)
-                request.block_ids += new
-                sequence.block_ids.extend(new)  # the batch's own copy of the table, not yet read
+        for sequence, request in zip(batch.sequences, requests):
+            sequence.block_ids.extend(self._extend_table(request, request.num_tokens + num_steps - 1))
         return batch, num_steps
+
+    def chain_burst(self, batch: ScheduledBatch, done_steps: int, num_steps: int) -> tuple[ScheduledBatch, int] | None:
+        """The burst that follows `batch`, a burst of `done_steps` steps still on the device
+        (its tokens not yet in `update`), for the same sequences, so that it can start before
+        the host has read them. It feeds each sequence's last token of `batch` (which only the
+        device knows: the new sequences carry token id -1 in its place) and runs up to
+        `num_steps` steps, as many as every request has tokens left for after `batch` and the
+        free blocks allow; its blocks are taken now.
+
+        None where no burst may follow: a waiting request could join, a request of `batch`
+        finished or was aborted since, or one has no token left to make. A request that
+        `update(batch, ...)` then finishes (a stop token) leaves its tokens of the new burst
+        unread: `update` skips finished requests."""
+        if self._could_admit():
+            return None
+        requests = [self._requests.get(s.request_id) for s in batch.sequences]
+        if any(r is None or r.status is not RequestStatus.RUNNING or r.num_computed_tokens + 1 != s.context_len
+               for r, s in zip(requests, batch.sequences)):
+            return None
+        context_lens = [s.context_len + done_steps for s in batch.sequences]  # after the new burst's first token
+        num_steps = self._grant_steps(
+            requests, context_lens,
+            [num_steps] + [r.max_new_tokens - len(r.output_token_ids) - done_steps for r in requests])
+        if num_steps < 1:
+            return None
+        sequences = []
+        for request, context_len in zip(requests, context_lens):
+            self._extend_table(request, context_len + num_steps - 1)
+            sequences.append(ScheduledSequence(request.request_id, [-1], [context_len - 1], context_len,
+                                               list(request.block_ids), is_prefill=False, samples=True))
+        return ScheduledBatch(tuple(sequences)), num_steps
+
+    def _could_admit(self) -> bool:
+        """Whether a waiting request could join the running batch now."""
+        return bool(self._waiting) and self._num_running_sequences() < self.max_batch_size
+
+    def _grant_steps(self, requests: list[Request], context_lens: list[int], limits: list[int]) -> int:
+        """Steps of a burst in which request i starts from context_lens[i] tokens: the least
+        of `limits`, less while the free blocks cannot hold every context after the burst."""
+        num_steps = min(limits)
+
+        def blocks_needed(steps: int) -> int:  # context after the burst: context_len + steps - 1
+            return sum(max(0, _cdiv(n + steps - 1, self.block_size) - len(r.block_ids))
+                       for r, n in zip(requests, context_lens))
+
+        while num_steps > 1 and blocks_needed(num_steps) > self._allocator.num_free:
+            num_steps -= 1
+        return num_steps if num_steps > 1 or blocks_needed(num_steps) <= self._allocator.num_free else 0
+
+    def _extend_table(self, request: Request, context_len: int) -> list[int]:
+        """Blocks newly allocated so that request's table holds context_len tokens."""
+        needed = _cdiv(context_len, self.block_size) - len(request.block_ids)
+        if needed <= 0:
+            return []
+        new = self._allocator.allocate(needed)
+        request.block_ids += new
+        return new
 
     # -- after the forward pass ------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import torch
 from conftest import make_model
 
 import trtllm
+from trtllm.runtime.model_runner import prefill_buckets
 
 PROMPTS = [list(range(10, 10 + n)) for n in (1, 9, 23, 5, 14, 2)]
 
@@ -168,13 +169,67 @@ def test_bursts_and_padded_buckets_give_the_tokens_of_single_steps():
     assert burst.runtime.scheduler.num_free_blocks == burst.runtime.pool.num_blocks
 
 
+def test_chained_bursts_keep_the_tokens_of_single_steps():
+    """A burst that follows another starts before the host reads the first; a request that a
+    stop token ends inside the first drops what the second made for it."""
+    model = make_model("llama")
+    one = trtllm.compile(model, dtype="fp32", max_batch_size=4, decode_steps=1)
+    chained = trtllm.compile(model, dtype="fp32", max_batch_size=4, decode_steps=3)
+    runner = chained.runtime.runner
+    resumed = []
+    resume = runner.resume
+    runner.resume = lambda *args: resumed.append(args[2]) or resume(*args)
+    greedy = _hf(model, PROMPTS[1], 20)
+    stop = greedy[4]  # the 5th token: the request ends in the second burst (tokens 2-4, 5-7)
+    params = [trtllm.SamplingParams(max_new_tokens=20, ignore_eos=True, stop_token_ids=[stop]),
+              trtllm.SamplingParams(max_new_tokens=17, temperature=0.9, seed=3, ignore_eos=True),
+              trtllm.SamplingParams(max_new_tokens=20, ignore_eos=True)]
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[4]]
+    expected = one.generate(prompts, params)
+    outputs = chained.generate(prompts, params)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    assert outputs[0].token_ids == greedy[: greedy.index(stop) + 1] and outputs[0].finish_reason == "stop"
+    assert [o.finish_reason for o in outputs[1:]] == ["length", "length"]
+    assert resumed and max(resumed) == 3, "bursts were meant to follow each other"
+    assert chained.runtime.scheduler.num_free_blocks == chained.runtime.pool.num_blocks
+    # an abort while a burst is in flight frees the blocks; the next steps go on without it
+    engine = chained.runtime
+    first = engine.add_request(PROMPTS[3], trtllm.SamplingParams(max_new_tokens=30, ignore_eos=True))
+    second = engine.add_request(PROMPTS[5], trtllm.SamplingParams(max_new_tokens=12, ignore_eos=True))
+    while engine._in_flight is None:
+        engine.step()
+    assert engine.abort(first)
+    finished = []
+    while engine.has_unfinished():
+        finished += engine.step()
+    assert [o.request_id for o in finished] == [second] and finished[0].token_ids == _hf(model, PROMPTS[5], 12)
+    assert engine.scheduler.num_free_blocks == engine.pool.num_blocks
+
+
+def test_short_one_sequence_steps_run_padded_in_token_buckets():
+    assert prefill_buckets(2048) == [16, 32, 64, 128, 256]
+    assert prefill_buckets(100) == [16, 32, 64, 100] and prefill_buckets(8) == [8]
+    model = make_model("llama")
+    llm = trtllm.compile(model, dtype="fp32", max_num_tokens=16, max_batch_size=4, max_seq_len=64)
+    runner = llm.runtime.runner
+    shapes = []
+    step = runner._step
+    runner._step = lambda shape: shapes.append(shape) or step(shape)
+    prompt = list(range(3, 43))  # 40 tokens: chunks of 16 and 16 that sample nothing, then 8 that do
+    assert llm.generate([prompt], trtllm.SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids \
+        == _hf(model, prompt, 6)
+    assert shapes[:3] == [(16, 1)] * 3 and set(shapes[3:]) == {(1, 1)}
+    assert llm.runtime.scheduler.num_free_blocks == llm.runtime.pool.num_blocks
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_replay_the_eager_steps():
     model = make_model("llama").cuda()
     kwargs = dict(dtype="bf16", max_batch_size=6, device="cuda")
     graphs = trtllm.compile(model, **kwargs)
     eager = trtllm.compile(model, cuda_graphs=False, **kwargs)
-    assert graphs.runtime.runner.num_graphs == 4 and eager.runtime.runner.num_graphs == 0
+    runner = graphs.runtime.runner
+    assert runner.num_graphs == 4 + len(runner.prefill_buckets) == 9 and eager.runtime.runner.num_graphs == 0
     params = [trtllm.SamplingParams(max_new_tokens=20, ignore_eos=True),
               trtllm.SamplingParams(max_new_tokens=17, temperature=0.8, top_p=0.9, seed=4, ignore_eos=True),
               trtllm.SamplingParams(max_new_tokens=9, temperature=1.0, top_k=5, seed=5, ignore_eos=True)]
@@ -183,6 +238,9 @@ def test_cuda_graphs_replay_the_eager_steps():
     # one step at a time through the graphs gives the same tokens as bursts
     single = trtllm.compile(model, decode_steps=1, **kwargs)
     assert [o.token_ids for o in single.generate(PROMPTS[:3], params)] == expected
+    # one prompt at a time: its prefill replays a token bucket's graph
+    for prompt, p in zip(PROMPTS[:3], params):
+        assert list(graphs.stream(prompt, p)) == list(eager.stream(prompt, p))
 
 
 @pytest.mark.gpu
