@@ -1,0 +1,439 @@
+"""`trtllm::wo_gemm`: weight-only quantized GEMM, int8 or int4 weights, activations in float.
+
+    out [..., N] = x [..., K] @ dequantize(w_q, scales) [N, K]^T, in x.dtype
+
+Formats (built once by `pack_int8` / `pack_int4`, read back by `unpack`), both symmetric:
+
+- int8: w_q [N, K] int8, q in [-127, 127]; w = q * scale.
+- int4: w_q [N, K // 2] uint8, two weights per byte in offset binary (nibble = q + 8,
+  q in [-7, 7]); w = q * scale. Within each group of `group_size` weights, byte j of the
+  group holds weight j in its low nibble and weight j + group_size / 2 in its high nibble, so
+  that a kernel multiplies the low nibbles by one contiguous half of x and the high ones by
+  the other (no shuffle of x or of the weights).
+- scales [N, K // group_size] float32: one scale per output channel and group of `group_size`
+  consecutive weights along K. `group_size == K` is per output channel (int8's default, scales
+  [N, 1]); otherwise group_size is a power of two in [32, 1024] that divides K (int4's default 128).
+
+On CUDA the op runs `lowbit_gemm`, one autotuned Triton kernel that also serves FP8 weights
+(`quant.fp8_gemm_triton`): up to 4 tokens a GEMV that streams the packed weight and
+dequantizes it on the CUDA cores (the decode case: it reads 1/2 or 1/4 of a bf16 weight's
+bytes), from 5 tokens tiles through `tl.dot` (a weight tile dequantized to x's dtype exactly:
+the integers fit; each group's scale applied to its partial product).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .gemv import gemm_epilogue
+
+WO_BITS = (4, 8)
+QMAX = {8: 127, 4: 7}  # the largest |q| of each format (symmetric: -8 is never used by int4)
+MIN_GROUP, MAX_GROUP = 32, 1024  # the group sizes the Triton kernel tiles by (besides K itself)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- build-time packing
+
+
+def pack_int8(w: Tensor, group_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """w [N, K] float -> (w_q [N, K] int8, scales [N, K // group_size] float32).
+
+    group_size None or K: one scale per output channel. scale = amax(|w|) / 127 over the
+    group (1 where the group is all zeros); w_q = round(w / scale), |w - w_q * scale| <= scale / 2.
+    """
+    group_size = _check_pack("pack_int8", w, 8, group_size)
+    q, scales = _quantize(w, 8, group_size)  # [N, K]
+    return q.to(torch.int8), scales
+
+
+def pack_int4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
+    """w [N, K] float -> (w_q [N, K // 2] uint8, scales [N, K // group_size] float32).
+
+    scale = amax(|w|) / 7 over the group (1 where all zeros); q = round(w / scale) in [-7, 7],
+    stored as nibbles q + 8, weights j and j + group_size / 2 of a group in one byte (see the
+    module docstring). |w - q * scale| <= scale / 2.
+    """
+    group_size = _check_pack("pack_int4", w, 4, group_size)
+    q, scales = _quantize(w, 4, group_size)  # [N, K]
+    n, k = w.shape
+    nibbles = (q + 8).to(torch.uint8).view(n, k // group_size, 2, group_size // 2)  # [N, G, 2, gs/2]
+    packed = nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)  # [N, G, gs/2]
+    return packed.reshape(n, k // 2), scales
+
+
+def unpack(w_q: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
+    """The dequantized weight [N, K] float32 of pack_int8 / pack_int4's output."""
+    q = _unpack_q(w_q, bits, group_size)  # [N, K] float32
+    n, k = q.shape
+    groups = q.view(n, k // group_size, group_size) * scales.float()[:, :, None]  # [N, G, gs]
+    return groups.view(n, k)
+
+
+def _quantize(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """(q [N, K] float32 integers in [-QMAX, QMAX], scales [N, K // group_size] float32)."""
+    n, k = w.shape
+    groups = w.float().view(n, k // group_size, group_size)  # [N, G, gs]
+    amax = groups.abs().amax(-1)  # [N, G]
+    scales = torch.where(amax > 0, amax / QMAX[bits], torch.ones_like(amax))  # [N, G]
+    q = torch.round(groups / scales[:, :, None]).clamp(-QMAX[bits], QMAX[bits])  # [N, G, gs]
+    return q.view(n, k), scales
+
+
+def _unpack_q(w_q: Tensor, bits: int, group_size: int) -> Tensor:
+    """The integers q [N, K] float32 of a packed weight."""
+    if bits == 8:
+        return w_q.float()
+    n, k = w_q.shape[0], 2 * w_q.shape[1]
+    halves = w_q.view(n, k // group_size, 1, group_size // 2)  # [N, G, 1, gs/2]
+    nibbles = torch.cat([halves & 15, halves >> 4], dim=2)  # [N, G, 2, gs/2]: low, then high
+    return nibbles.float().view(n, k) - 8.0
+
+
+def _check_pack(op: str, w: Tensor, bits: int, group_size: int | None) -> int:
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"{op}: w must be a floating [N, K] weight, got {tuple(w.shape)} {w.dtype}")
+    k = w.shape[1]
+    group_size = k if group_size is None else group_size
+    _check_group_size(op, bits, k, group_size)
+    return group_size
+
+
+def _check_group_size(op: str, bits: int, k: int, group_size: int) -> None:
+    if bits not in WO_BITS:
+        raise ValueError(f"{op}: bits={bits} is not one of {WO_BITS}")
+    grouped = MIN_GROUP <= group_size <= MAX_GROUP and group_size & (group_size - 1) == 0
+    if bits == 4 and k % 2:
+        raise ValueError(f"{op}: int4 packs two weights per byte, so K must be even, got K={k}")
+    if (group_size == k and bits == 8) or (grouped and k % group_size == 0):
+        return
+    per_channel = "K (one scale per output channel) or " if bits == 8 else ""
+    raise ValueError(
+        f"{op}: group_size={group_size} does not fit K={k}: int{bits} takes {per_channel}a power "
+        f"of two in [{MIN_GROUP}, {MAX_GROUP}] that divides K"
+    )
+
+
+# ---------------------------------------------------------------- trtllm::wo_gemm
+
+
+def wo_gemm_ref(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
+    """Plain-torch `trtllm::wo_gemm`: dequantize to float32, matmul in float32, round to x.dtype."""
+    w = unpack(w_q, scales, bits, group_size)  # [N, K] float32
+    return F.linear(x.float(), w).to(x.dtype)  # [..., N]
+
+
+_wo_gemm_op = torch.library.custom_op("trtllm::wo_gemm", wo_gemm_ref, mutates_args=())
+
+
+@_wo_gemm_op.register_fake
+def _wo_gemm_fake(x, w_q, scales, bits, group_size):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+def wo_gemm(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
+    """Weight-only quantized GEMM: out = x @ (q * scale)^T, accumulated in float32.
+
+    x: [..., K] float32, float16 or bfloat16. w_q, scales: from pack_int8 (bits 8: w_q [N, K]
+    int8) or pack_int4 (bits 4: w_q [N, K // 2] uint8); scales [N, K // group_size].
+    group_size: K (per output channel, int8 only) or a power of two in [32, 1024] dividing K.
+    Returns [..., N] in x.dtype, contiguous.
+    """
+    check_wo_args("wo_gemm", x, w_q, scales, bits, group_size)
+    return torch.ops.trtllm.wo_gemm(x, w_q, scales, bits, group_size)
+
+
+def check_wo_args(op: str, x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int) -> None:
+    """ValueError naming the first argument that does not fit wo_gemm's contract."""
+    if bits not in WO_BITS:
+        raise ValueError(f"{op}: bits={bits} is not one of {WO_BITS}")
+    if x.dim() == 0 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: x must be [..., K] in one of {_FLOAT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
+    k = x.shape[-1]
+    w_dtype, w_cols = (torch.int8, k) if bits == 8 else (torch.uint8, k // 2)
+    if w_q.dtype != w_dtype or w_q.dim() != 2 or w_q.shape[1] != w_cols:
+        raise ValueError(
+            f"{op}: int{bits} weights must be [N, {w_cols}] {w_dtype} for x {tuple(x.shape)}, "
+            f"got {tuple(w_q.shape)} {w_q.dtype} (pack them with pack_int{bits})"
+        )
+    _check_group_size(op, bits, k, group_size)
+    expected = (w_q.shape[0], k // group_size)
+    if tuple(scales.shape) != expected or not scales.is_floating_point():
+        raise ValueError(
+            f"{op}: scales must be floating [N, K // group_size] = {list(expected)}, "
+            f"got {tuple(scales.shape)} {scales.dtype}"
+        )
+
+
+@_wo_gemm_op.register_kernel("cuda")
+def wo_gemm_triton(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
+    """`trtllm::wo_gemm` as `lowbit_gemm` (autotuned Triton), the op's CUDA kernel; same
+    contract as wo_gemm_ref (float32 accumulation, one rounding to x.dtype)."""
+    return lowbit_gemm(x, w_q, scales, bits, group_size)
+
+
+# ---------------------------------------------------------------- the Triton kernel
+
+GEMV_MAX_ROWS = 4  # up to this many rows of x the products run on the CUDA cores
+
+
+def _config(block_m: int, block_n: int, block_kb: int, num_warps: int, num_stages: int = 1) -> triton.Config:
+    """BLOCK_KB: bytes of each weight row per loop step (a whole number of groups where grouped)."""
+    tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_KB": block_kb}
+    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages)
+
+
+# Tiles by M bucket (M rounded up to a power of two). Up to GEMV_MAX_ROWS rows a program streams
+# BLOCK_N weight rows over all of K in 16-byte loads, 4-8 KB per step as the bf16 GEMV
+# (gemv.py) found best; from 5 rows tl.dot tiles of 16 rows; from 32 rows GEMM tiles.
+_DOT_DECODE = [_config(16, 32, 128, 4, 3), _config(16, 32, 256, 4, 4), _config(16, 16, 256, 4, 4)]
+_CONFIGS: dict[int, list[triton.Config]] = {
+    1: [_config(1, 4, 1024, 4), _config(1, 4, 2048, 4), _config(1, 2, 2048, 4), _config(1, 8, 1024, 8)],
+    2: [_config(2, 4, 1024, 4), _config(2, 2, 2048, 4), _config(2, 8, 512, 4)],
+    4: [_config(4, 4, 512, 4), _config(4, 2, 1024, 4), _config(2, 8, 512, 4)],
+    8: _DOT_DECODE,
+    16: _DOT_DECODE,
+}
+_GEMM_CONFIGS = [_config(64, 64, 128, 4, 3), _config(64, 128, 128, 4, 4), _config(128, 128, 64, 8, 3)]
+
+
+def _m_bucket(num_tokens: int) -> int:
+    """The autotune key's M: a power of two in [1, 4096]."""
+    return min(triton.next_power_of_2(max(num_tokens, 1)), 4096)
+
+
+def _configs_for_m_bucket(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    return _CONFIGS.get({**named_args, **kwargs}["M_BUCKET"], _GEMM_CONFIGS)
+
+
+def _sub_bytes(args: dict) -> int:
+    """Bytes of a weight row that share one scale within a step: a group, or BLOCK_KB per channel."""
+    return args["BLOCK_KB"] if args["PER_CHANNEL"] else args["GROUP_SIZE"] // args["PACK"]
+
+
+def _subs_per_step(args: dict) -> int:
+    """Groups per loop step: as many as fit BLOCK_KB on the CUDA cores, one through tl.dot."""
+    return 1 if args["BLOCK_M"] > GEMV_MAX_ROWS else max(1, args["BLOCK_KB"] // _sub_bytes(args))
+
+
+@triton.autotune(
+    configs=[c for cs in _CONFIGS.values() for c in cs] + _GEMM_CONFIGS,
+    key=["M_BUCKET", "N", "K", "PACK", "PER_CHANNEL", "GROUP_SIZE"],  # the autotuner adds the dtypes
+    prune_configs_by={"early_config_prune": _configs_for_m_bucket},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+)
+@triton.heuristics({"SUB_BYTES": _sub_bytes, "SUBS": _subs_per_step})
+@triton.jit
+def _lowbit_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, x_scale_ptr, bias_ptr, out_ptr,
+    M, N, K, K_BYTES, M_BUCKET,  # K_BYTES = K // PACK; M_BUCKET: only the autotune key
+    stride_xm, stride_wn, stride_sn, stride_om,
+    PACK: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
+    SUB_BYTES: tl.constexpr, SUBS: tl.constexpr,
+):
+    """out[M, N] = act((x[M, K] @ dequant(w)^T) * x_scale[M] + bias[N]), float32 accumulation.
+
+    w: [N, K_BYTES] bytes (int8, fp8 e4m3, or int4 pairs when PACK = 2) with unit stride along
+    K; x: unit stride along K. PER_CHANNEL: s [N] scales every output column in the epilogue;
+    else s [N, K // GROUP_SIZE] scales each group's partial sums. Program pid takes row tile
+    pid % cdiv(M, BLOCK_M) of x and row tile pid // cdiv(M, BLOCK_M) of w.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_pid_m
+    pid_n = pid // num_pid_m
+    # Rows past M and N wrap around: loaded without a mask (whole 16-byte vectors), never stored.
+    rows_m = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)  # [BLOCK_M]
+    rows_n = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)  # [BLOCK_N]
+    if BLOCK_M <= 4:
+        acc = _gemv_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
+                         PACK, PER_CHANNEL, SUB_BYTES, SUBS, BLOCK_M, BLOCK_N)
+    else:
+        acc = _dot_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
+                        PACK, PER_CHANNEL, SUB_BYTES, DOT_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_X_SCALE:
+        acc *= tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    if PER_CHANNEL:
+        acc *= tl.load(s_ptr + offs_n * stride_sn, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    gemm_epilogue(acc, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, HAS_BIAS, ACT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _weights(q, PACK: tl.constexpr):
+    """(low, high) float32 weights of loaded bytes: int4 pairs (nibbles q + 8) when PACK = 2;
+    else (w, w) of int8 or fp8 bytes. Integers become floats by the 2^23 trick (an integer add and
+    a float subtract) instead of the quarter-rate int-to-float conversion."""
+    if PACK == 2:
+        q = q.to(tl.int32)  # zero-extended bytes
+        lo = ((q & 15) + 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+        hi = ((q >> 4) + 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    elif q.dtype == tl.int8:
+        lo = (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+        hi = lo
+    else:
+        lo = q.to(tl.float32)
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
+def _gemv_step(x_ptrs, w_ptrs, s_ptrs, in_k, in_sub, PACK: tl.constexpr, PER_CHANNEL: tl.constexpr,
+               SUB_BYTES: tl.constexpr, MASKED: tl.constexpr):
+    """One step's products on the CUDA cores. x_ptrs [BLOCK_M, 1, SUBS, SUB_BYTES] (the low
+    nibbles' x; the high nibbles' sit SUB_BYTES further), w_ptrs [1, BLOCK_N, SUBS, SUB_BYTES],
+    s_ptrs [1, BLOCK_N, SUBS]. PER_CHANNEL: the products [BLOCK_M, BLOCK_N, SUBS, SUB_BYTES];
+    else their sums per group, scaled [BLOCK_M, BLOCK_N, SUBS]. MASKED: bytes where in_k is
+    false (past K) and groups where in_sub is false count zero."""
+    if MASKED:
+        q = tl.load(w_ptrs, mask=in_k, other=0.0)
+        x = tl.load(x_ptrs, mask=in_k, other=0.0).to(tl.float32)
+    else:
+        q = tl.load(w_ptrs)
+        x = tl.load(x_ptrs).to(tl.float32)
+    lo, hi = _weights(q, PACK)
+    p = x * lo
+    if PACK == 2:
+        if MASKED:
+            x_hi = tl.load(x_ptrs + SUB_BYTES, mask=in_k, other=0.0).to(tl.float32)
+        else:
+            x_hi = tl.load(x_ptrs + SUB_BYTES).to(tl.float32)
+        p += x_hi * hi
+    if PER_CHANNEL:
+        return p
+    if MASKED:
+        s = tl.load(s_ptrs, mask=in_sub, other=0.0).to(tl.float32)
+    else:
+        s = tl.load(s_ptrs).to(tl.float32)
+    return tl.sum(p, axis=3) * s
+
+
+@triton.jit
+def _gemv_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
+               PACK: tl.constexpr, PER_CHANNEL: tl.constexpr, SUB_BYTES: tl.constexpr, SUBS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x [BLOCK_M, K] @ dequant(w [BLOCK_N, K_BYTES])^T for a few rows, products in float32 on the
+    CUDA cores: each step takes SUBS groups of SUB_BYTES bytes of every weight row (16-byte
+    loads), with no shuffle of the weights. Returns [BLOCK_M, BLOCK_N] float32."""
+    sub = tl.arange(0, SUBS)[None, None, :, None]  # [1, 1, SUBS, 1]
+    byte = tl.arange(0, SUB_BYTES)[None, None, None, :]  # [1, 1, 1, SUB_BYTES]
+    col = sub * SUB_BYTES + byte  # [1, 1, SUBS, SUB_BYTES]: weight byte within the step
+    w_ptrs = w_ptr + rows_n[None, :, None, None] * stride_wn + col  # [1, BLOCK_N, SUBS, SUB_BYTES]
+    x_ptrs = x_ptr + rows_m[:, None, None, None] * stride_xm + sub * (SUB_BYTES * PACK) + byte  # [BLOCK_M, 1, ...]
+    s_ptrs = s_ptr + rows_n[None, :, None] * stride_sn + tl.arange(0, SUBS)[None, None, :]  # [1, BLOCK_N, SUBS]
+    step: tl.constexpr = SUBS * SUB_BYTES
+    num_full = K_BYTES // step
+    if PER_CHANNEL:  # the products, summed after the loop
+        acc = tl.zeros((BLOCK_M, BLOCK_N, SUBS, SUB_BYTES), dtype=tl.float32)
+    else:  # each group's sum, scaled
+        acc = tl.zeros((BLOCK_M, BLOCK_N, SUBS), dtype=tl.float32)
+    for _ in range(0, num_full):
+        acc += _gemv_step(x_ptrs, w_ptrs, s_ptrs, None, None, PACK, PER_CHANNEL, SUB_BYTES, False)
+        w_ptrs += step
+        x_ptrs += step * PACK
+        s_ptrs += SUBS
+    left = K_BYTES - num_full * step
+    if left > 0:  # the K remainder: one masked step
+        in_sub = tl.arange(0, SUBS)[None, None, :] * SUB_BYTES < left  # [1, 1, SUBS]
+        acc += _gemv_step(x_ptrs, w_ptrs, s_ptrs, col < left, in_sub, PACK, PER_CHANNEL, SUB_BYTES, True)
+    if PER_CHANNEL:
+        acc = tl.sum(acc, axis=3)
+    return tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+
+
+@triton.jit
+def _dot_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
+              PACK: tl.constexpr, PER_CHANNEL: tl.constexpr, SUB_BYTES: tl.constexpr,
+              DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x [BLOCK_M, K] @ dequant(w [BLOCK_N, K_BYTES])^T through tl.dot, one group (or SUB_BYTES
+    bytes per channel) per step: the weight tile is dequantized to DOT_DTYPE exactly (integers
+    and e4m3 values fit float16/bfloat16), each group's scale multiplies its partial product."""
+    byte = tl.arange(0, SUB_BYTES)[None, :]  # [1, SUB_BYTES]
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + byte  # [BLOCK_N, SUB_BYTES]
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + byte  # [BLOCK_M, SUB_BYTES]
+    s_ptrs = s_ptr + rows_n * stride_sn  # [BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K_BYTES, SUB_BYTES):
+        in_k = byte < K_BYTES - kb  # only a per-channel K leaves a partial step
+        q = tl.load(w_ptrs, mask=in_k, other=0.0)
+        lo, hi = _weights(q, PACK)
+        x = tl.load(x_ptrs, mask=in_k, other=0.0).to(DOT_DTYPE)
+        if PACK == 2:
+            x_hi = tl.load(x_ptrs + SUB_BYTES, mask=in_k, other=0.0).to(DOT_DTYPE)
+            part = tl.dot(x, tl.trans(lo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+            part = tl.dot(x_hi, tl.trans(hi.to(DOT_DTYPE)), part, input_precision=DOT_PRECISION)
+        else:
+            part = tl.dot(x, tl.trans(lo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        if PER_CHANNEL:
+            acc += part
+        else:
+            acc += part * tl.load(s_ptrs).to(tl.float32)[None, :]
+            s_ptrs += 1
+        w_ptrs += SUB_BYTES
+        x_ptrs += SUB_BYTES * PACK
+    return acc
+
+
+# ---------------------------------------------------------------- the launcher
+
+_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+               torch.float8_e4m3fn: tl.float16}  # e4m3 values are exact in float16
+
+
+def lowbit_gemm(
+    x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int, *,
+    x_scale: Tensor | None = None, bias: Tensor | None = None, act: str = "none",
+    out_dtype: torch.dtype | None = None, config: triton.Config | None = None,
+) -> Tensor:
+    """act((x @ dequant(w_q, scales)^T) * x_scale + bias) through `_lowbit_gemm_kernel`.
+
+    x: [..., K] float, or float8_e4m3fn with x_scale [..., 1] float32. w_q: int8 or
+    float8_e4m3fn [N, K] (bits 8) or packed int4 uint8 [N, K // 2] (bits 4); scales
+    [N, K // group_size] (group_size == K: per output channel, the fp8 weight's [N] too).
+    bias: [N] or None. Returns [..., N] in out_dtype (default x.dtype), contiguous. `config`:
+    that config instead of the autotuned one.
+    """
+    n = w_q.shape[0]
+    k = x.shape[-1]
+    m = math.prod(x.shape[:-1])
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)  # [M, N]
+    if out.numel() == 0:
+        return out.view(*x.shape[:-1], n)
+    x2 = x.reshape(m, k).contiguous()  # [M, K]
+    w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
+    scales = scales.reshape(n, -1)  # [N, G]
+    scales = scales if scales.stride(-1) == 1 else scales.contiguous()
+    pack = 8 // bits
+    per_channel = group_size == k and bits == 8
+    m_bucket = _m_bucket(m)
+    if config is None and triton.knobs.runtime.interpret:
+        config = _configs_for_m_bucket([], {"M_BUCKET": m_bucket})[0]  # the interpreter cannot time configs
+    # .fn: the heuristics (SUB_BYTES, SUBS) under the autotuner, which derive from the config
+    kernel, meta = (_lowbit_gemm_kernel, {}) if config is None else (_lowbit_gemm_kernel.fn, config.all_kwargs())
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    kernel[grid](
+        x2, w_q, scales, out if x_scale is None else x_scale.reshape(m).float().contiguous(),
+        out if bias is None else bias.contiguous(), out,
+        m, n, k, k // pack, m_bucket,
+        x2.stride(0), w_q.stride(0), scales.stride(0), out.stride(0),
+        PACK=pack, PER_CHANNEL=per_channel, GROUP_SIZE=0 if per_channel else group_size,
+        HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, ACT=act,
+        DOT_DTYPE=_DOT_DTYPES[x.dtype], DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
+        **meta,
+    )
+    return out.view(*x.shape[:-1], n)
