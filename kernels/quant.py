@@ -1,0 +1,333 @@
+"""FP8 (E4M3) quantization: `trtllm::quantize_fp8` and `trtllm::fp8_gemm`.
+
+    x_fp8 [..., K], x_scale [..., 1] = quantize_fp8(x [..., K])          per token, at run time
+    w_fp8 [N, K], w_scale [N]        = quantize_weight_fp8(w [N, K])      per output channel, once
+    out [..., N] = act((x_fp8 @ w_fp8^T) * x_scale * w_scale + bias)     fp8_gemm, in out_dtype
+
+A scale is amax(|row|) / 448 (448: E4M3's largest finite value), at least MIN_SCALE (the
+smallest normal float32) so that an all-zero row gets a finite scale and quantizes to zeros.
+Values are x / scale clamped to [-448, 448] and rounded to nearest even: relative error at
+most 2^-4 for |x / scale| >= 2^-6 (E4M3's normal range), absolute at most 2^-10 * scale below.
+
+fp8_gemm takes its activation already quantized: quantize_fp8 is its own op, which fusion can
+merge into the norm before it. Its CUDA implementations:
+
+- `fp8_gemm_scaled_mm`: `torch._scaled_mm` with row-wise scales (cuBLASLt on an H100 with
+  CUDA >= 12.9, CUTLASS before), the bias in its epilogue where the output is 16-bit and the
+  bias of the same dtype, the activation after it in one pass;
+- `fp8_gemm_triton`: `wo_gemm.lowbit_gemm` on fp8 weights: a GEMV streaming the weight at a few
+  tokens, tl.dot tiles (on float16, which holds E4M3 exactly) above, scales, bias and
+  activation in its epilogue.
+
+`plan_fp8_gemm` times both per weight shape at a few token counts and returns an `Fp8GemmPlan`
+that dispatches each call by its token count, as `gemm.plan_gemm_act` does for gemm_act.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import gemm as G
+from .gemm import ACTIVATIONS, PLAN_TOKEN_COUNTS
+from .wo_gemm import lowbit_gemm
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+MIN_SCALE = torch.finfo(torch.float32).tiny  # 2^-126: the scale of an all-zero row
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- trtllm::quantize_fp8
+
+
+def quantize_fp8_ref(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Plain-torch `trtllm::quantize_fp8`: x [..., K] -> (x_fp8 [..., K], scale [..., 1] float32)."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)  # [..., 1]
+    x_fp8 = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # [..., K]
+    return x_fp8, scale
+
+
+_quantize_fp8_op = torch.library.custom_op("trtllm::quantize_fp8", quantize_fp8_ref, mutates_args=())
+
+
+@_quantize_fp8_op.register_fake
+def _quantize_fp8_fake(x):
+    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token dynamic FP8 quantization: scale = max(amax(|x|) / 448, MIN_SCALE) per row,
+    x_fp8 = round(clamp(x / scale, -448, 448)) to E4M3, so x ~ x_fp8 * scale.
+
+    x: [..., K] float32, float16 or bfloat16. Returns (x_fp8 [..., K] float8_e4m3fn,
+    scale [..., 1] float32), contiguous.
+    """
+    if x.dim() == 0 or x.shape[-1] == 0 or x.dtype not in OUT_DTYPES:
+        raise ValueError(
+            f"quantize_fp8: x must be [..., K] with K > 0 in one of {OUT_DTYPES}, got {tuple(x.shape)} {x.dtype}"
+        )
+    return torch.ops.trtllm.quantize_fp8(x)
+
+
+def quantize_weight_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Build time: w [N, K] float -> (w_fp8 [N, K] float8_e4m3fn, w_scale [N] float32), one
+    scale per output channel by quantize_fp8's rule."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize_weight_fp8: w must be a floating [N, K] weight, got {tuple(w.shape)} {w.dtype}")
+    w_fp8, w_scale = quantize_fp8_ref(w)  # [N, K], [N, 1]
+    return w_fp8, w_scale.view(-1)
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """v (float32, |v| <= 448) rounded to nearest even on E4M3's grid, still float32: 3
+    mantissa bits in the normal range (2^-6 and up), steps of 2^-9 below. The cast to fp8
+    after it is exact, so it does not depend on how the cast rounds (Triton's interpreter
+    carries a rounding up into the exponent wrongly)."""
+    bits = v.to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    # Mantissa bits to drop: 20, more below 2^-6, up to all 23 at [2^-9, 2^-8); smaller |v| below.
+    shift = tl.minimum(20 + tl.maximum(-6 - exponent, 0), 23)
+    low = (1 << shift) - 1
+    odd = ((bits | 0x800000) >> shift) & 1  # the kept last bit; at shift 23 the implicit leading 1
+    rounded = ((bits + (low >> 1) + odd) & ~low).to(tl.float32, bitcast=True)  # to nearest, ties to even
+    a = tl.abs(v)
+    rounded = tl.where(a < 0.001953125, tl.where(v < 0, -0.001953125, 0.001953125), rounded)  # 2^-9 steps
+    return tl.where(a <= 0.0009765625, v * 0.0, rounded)  # up to half a step (2^-10): zero
+
+
+@triton.jit
+def _quantize_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, BLOCK: tl.constexpr):
+    """Row pid of x [M, K] (unit stride along K) -> q [M, K] (dense) and scale [M]: one pass for
+    the row's amax, one (from L1/L2) to scale, round and store."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(0, K, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1.1754943508222875e-38)  # MIN_SCALE
+    tl.store(scale_ptr + row, scale)
+    for k in range(0, K, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = _round_to_e4m3(tl.clamp(x / scale, -448.0, 448.0))
+        tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+
+
+@_quantize_fp8_op.register_kernel("cuda")
+def quantize_fp8_triton(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`trtllm::quantize_fp8` as one Triton program per row, the op's CUDA kernel; the same
+    values as quantize_fp8_ref (the same float32 operations, rounding done in float32)."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)  # [M, K]
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)  # [..., K]
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)  # [..., 1]
+    if rows.shape[0]:
+        block = min(triton.next_power_of_2(k), 2048)
+        _quantize_fp8_kernel[(rows.shape[0],)](rows, q, scale, k, rows.stride(0), BLOCK=block,
+                                               num_warps=min(8, max(1, block // 256)))
+    return q, scale
+
+
+# ---------------------------------------------------------------- trtllm::fp8_gemm
+
+
+def fp8_gemm_ref(x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None,
+                 act: str, out_dtype: torch.dtype) -> Tensor:
+    """Plain-torch `trtllm::fp8_gemm`: dequantize, matmul, scale, bias and act in float32, then
+    round once to out_dtype. x_fp8 [..., K], x_scale [..., 1], w_fp8 [N, K], w_scale [N] -> [..., N]."""
+    y = (x_fp8.float() @ w_fp8.float().T) * x_scale.float() * w_scale.float()  # [..., N]
+    if bias is not None:
+        y = y + bias.float()
+    return ACTIVATIONS[act](y).to(out_dtype).contiguous()
+
+
+_fp8_gemm_op = torch.library.custom_op("trtllm::fp8_gemm", fp8_gemm_ref, mutates_args=())
+
+
+@_fp8_gemm_op.register_fake
+def _fp8_gemm_fake(x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype):
+    return x_fp8.new_empty((*x_fp8.shape[:-1], w_fp8.shape[0]), dtype=out_dtype)
+
+
+def fp8_gemm(x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None = None,
+             act: str = "none", out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """FP8 GEMM: out = act((x_fp8 @ w_fp8^T) * x_scale * w_scale + bias), float32 accumulation.
+
+    x_fp8 [..., K] float8_e4m3fn and x_scale [..., 1] float32 (quantize_fp8); w_fp8 [N, K]
+    float8_e4m3fn and w_scale [N] float32 (quantize_weight_fp8); bias [N] floating or None;
+    act: a key of gemm.ACTIVATIONS. Returns [..., N] in out_dtype, contiguous.
+    """
+    check_fp8_gemm_args("fp8_gemm", x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype)
+    return torch.ops.trtllm.fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype)
+
+
+def check_fp8_gemm_args(op: str, x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype) -> None:
+    """ValueError naming the first argument that does not fit fp8_gemm's contract."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{op}: act={act!r} is not one of {sorted(ACTIVATIONS)}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"{op}: out_dtype={out_dtype} is not one of {OUT_DTYPES}")
+    for name, t in (("x_fp8", x_fp8), ("w_fp8", w_fp8)):
+        if t.dtype != FP8_DTYPE:
+            raise ValueError(f"{op}: {name} must be {FP8_DTYPE} (quantize it first), got {t.dtype}")
+    if x_fp8.dim() == 0 or w_fp8.dim() != 2 or x_fp8.shape[-1] != w_fp8.shape[1]:
+        raise ValueError(
+            f"{op}: x_fp8 must be [..., K] and w_fp8 [N, K], got {tuple(x_fp8.shape)}, {tuple(w_fp8.shape)}"
+        )
+    n = w_fp8.shape[0]
+    expected = {"x_scale": (x_scale, (*x_fp8.shape[:-1], 1)), "w_scale": (w_scale, (n,))}
+    for name, (t, shape) in expected.items():
+        if t.dtype != torch.float32 or tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must be float32 {list(shape)}, got {tuple(t.shape)} {t.dtype}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"{op}: bias must be floating [N] = [{n}], got {tuple(bias.shape)} {bias.dtype}")
+
+
+# ---------------------------------------------------------------- the CUDA implementations
+
+
+def fp8_gemm_scaled_mm(x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None,
+                       act: str, out_dtype: torch.dtype) -> Tensor:
+    """`trtllm::fp8_gemm` as `torch._scaled_mm` with row-wise scales (scale_a [M, 1], scale_b
+    [1, N] float32), which needs K and N multiples of 16 (`scaled_mm_fits`). The bias goes into
+    its epilogue where the output is 16-bit and the bias of the same dtype, else it is added to
+    the rounded output; the activation runs after it in place (gemm's `_act_kernel`)."""
+    n, k = w_fp8.shape
+    m = math.prod(x_fp8.shape[:-1])
+    fused_bias = bias is not None and out_dtype != torch.float32 and bias.dtype == out_dtype
+    y = torch._scaled_mm(
+        x_fp8.reshape(m, k).contiguous(), w_fp8.contiguous().t(),  # [M, K] row-major, [K, N] column-major
+        scale_a=x_scale.reshape(m, 1).float(), scale_b=w_scale.reshape(1, n).float(),
+        bias=bias if fused_bias else None, out_dtype=out_dtype,
+    )  # [M, N]
+    if bias is not None and not fused_bias:
+        y += bias
+    if act != "none" and y.numel():
+        G._act_kernel[(triton.cdiv(y.numel(), G._ACT_BLOCK),)](y, y.numel(), ACT=act, BLOCK=G._ACT_BLOCK)
+    return y.view(*x_fp8.shape[:-1], n)
+
+
+def scaled_mm_fits(k: int, n: int) -> bool:
+    """torch._scaled_mm takes K and N multiples of 16."""
+    return k % 16 == 0 and n % 16 == 0
+
+
+def fp8_gemm_triton(x_fp8: Tensor, x_scale: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None,
+                    act: str, out_dtype: torch.dtype) -> Tensor:
+    """`trtllm::fp8_gemm` as the autotuned Triton kernel of wo_gemm (`lowbit_gemm`) on 8-bit
+    weights with one scale per output channel: a GEMV up to 4 tokens, tl.dot tiles above;
+    scales, bias and activation in its epilogue, one rounding to out_dtype."""
+    k = w_fp8.shape[1]
+    return lowbit_gemm(x_fp8, w_fp8, w_scale, 8, k, x_scale=x_scale, bias=bias, act=act, out_dtype=out_dtype)
+
+
+@_fp8_gemm_op.register_kernel("cuda")
+def _fp8_gemm_cuda(x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype):
+    """Unplanned: _scaled_mm where it fits (no first-call autotuning, which a CUDA-graph capture
+    would not allow), else the Triton kernel."""
+    impl = fp8_gemm_scaled_mm if scaled_mm_fits(*w_fp8.shape[::-1]) else fp8_gemm_triton
+    return impl(x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype)
+
+
+# The implementations a plan chooses between, by the name its buckets record; on a tie the
+# earlier one wins.
+FP8_IMPLEMENTATIONS: dict[str, Callable[..., Tensor]] = {
+    "scaled_mm": fp8_gemm_scaled_mm,
+    "triton": fp8_gemm_triton,
+}
+
+
+# ---------------------------------------------------------------- build-time choice
+
+
+@dataclass(frozen=True)
+class Fp8GemmPlan:
+    """Which implementation serves one fp8_gemm weight shape, by token count.
+
+    As gemm.GemmActPlan: a call with M tokens goes to the token count measured nearest on a
+    log scale (boundaries at the geometric midpoints sqrt(a * b)).
+    """
+
+    n: int  # weight rows (output features)
+    k: int  # weight columns (input features)
+    out_dtype: torch.dtype  # of the output
+    act: str  # the epilogue activation, a key of ACTIVATIONS
+    has_bias: bool  # whether calls pass a bias
+    device: torch.device  # where the times were measured
+    # (token count, ((a key of FP8_IMPLEMENTATIONS, median ms), ...)) by increasing token count
+    times_ms: tuple[tuple[int, tuple[tuple[str, float], ...]], ...]
+
+    def __post_init__(self):
+        counts = [m for m, _ in self.times_ms]
+        if not counts or any(a >= b for a, b in zip(counts, counts[1:])):
+            raise ValueError(f"Fp8GemmPlan: token counts must be non-empty and increasing, got {counts}")
+
+    def winner(self, num_tokens: int) -> str:
+        """The fastest implementation at the token count measured nearest to num_tokens."""
+        counts = [m for m, _ in self.times_ms]
+        bounds = [math.isqrt(a * b) for a, b in zip(counts, counts[1:])]
+        times = self.times_ms[bisect.bisect_left(bounds, num_tokens)][1]
+        order = list(FP8_IMPLEMENTATIONS)
+        return min(times, key=lambda nt: (nt[1], order.index(nt[0])))[0]
+
+    def __call__(self, x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype) -> Tensor:
+        """fp8_gemm_ref's contract, by the implementation that won x's token count."""
+        planned = (self.act, self.out_dtype, (self.n, self.k), self.has_bias)
+        if (act, out_dtype, tuple(w_fp8.shape), bias is not None) != planned:
+            raise ValueError(
+                f"Fp8GemmPlan: planned for act={self.act!r}, out {self.out_dtype}, w [{self.n}, {self.k}], "
+                f"bias={self.has_bias}; called with act={act!r}, out {out_dtype}, w {tuple(w_fp8.shape)}, "
+                f"bias={bias is not None}: plan this shape separately"
+            )
+        impl = FP8_IMPLEMENTATIONS[self.winner(math.prod(x_fp8.shape[:-1]))]
+        return impl(x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype)
+
+    def describe(self) -> str:
+        """A header line, then the times and the winner at each token count."""
+        lines = [f"fp8_gemm n={self.n} k={self.k} out {self.out_dtype} act={self.act} bias={self.has_bias} "
+                 f"on {self.device}"]
+        for m, times in self.times_ms:
+            listed = ", ".join(f"{name} {ms:.4f} ms" for name, ms in times)
+            lines.append(f"  M = {m}: {listed} -> {self.winner(m)}")
+        return "\n".join(lines)
+
+
+def plan_fp8_gemm(
+    n: int, k: int, out_dtype: torch.dtype, act: str, has_bias: bool, device: torch.device | str,
+    token_counts: Sequence[int] = PLAN_TOKEN_COUNTS,
+) -> Fp8GemmPlan:
+    """Time fp8_gemm_scaled_mm (where `scaled_mm_fits`) and fp8_gemm_triton at each token count
+    on random quantized inputs: the median of CUDA-graph replays after a first call that
+    compiles and autotunes (gemm's `_median_ms`). CUDA only."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"plan_fp8_gemm: planning times CUDA kernels and cannot run on device {device}")
+    if act not in ACTIVATIONS or out_dtype not in OUT_DTYPES:
+        raise ValueError(f"plan_fp8_gemm: act={act!r} or out_dtype={out_dtype} is not supported")
+    counts = sorted(set(token_counts))
+    if not counts or counts[0] < 1:
+        raise ValueError(f"plan_fp8_gemm: token_counts must be positive and non-empty, got {tuple(token_counts)}")
+    g = torch.Generator(device=device).manual_seed(0)
+    w_fp8, w_scale = quantize_weight_fp8(torch.randn(n, k, generator=g, device=device) * k**-0.5)
+    bias = torch.randn(n, generator=g, device=device).to(out_dtype) if has_bias else None
+    names = [name for name in FP8_IMPLEMENTATIONS if name != "scaled_mm" or scaled_mm_fits(k, n)]
+    times = []
+    for m in counts:
+        x_fp8, x_scale = quantize_fp8_ref(torch.randn(m, k, generator=g, device=device))
+        args = (x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype)
+        times.append((m, tuple((name, G._median_ms(FP8_IMPLEMENTATIONS[name], *args) if len(names) > 1
+                                else math.nan) for name in names)))
+    return Fp8GemmPlan(n, k, out_dtype, act, has_bias, device, tuple(times))

@@ -1,0 +1,212 @@
+"""trtllm::quantize_fp8 and trtllm::fp8_gemm (references) against plain float math, with
+tolerances from the format: E4M3 keeps 3 mantissa bits, so a value x / scale in the normal
+range (>= 2^-6) is within 2^-4 of itself after rounding, and within 2^-10 (half the smallest
+step) below; Fp8GemmPlan's routing."""
+
+import math
+
+import pytest
+import torch
+from torch._subclasses import FakeTensorMode
+
+import trtllm.kernels.gemm as G
+import trtllm.kernels.quant as Q
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rounding_bound(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The most |dequantized - x| may be per element: 2^-4 relative, or 2^-10 * scale absolute."""
+    return 2**-4 * x.abs() + 2**-10 * scale
+
+
+# ---------------------------------------------------------------- quantize_fp8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_fp8_per_token_scale_and_rounding(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 64, generator=g) * torch.tensor([0.01, 1.0, 300.0]).view(1, 3, 1)).to(dtype)
+    x_fp8, scale = Q.quantize_fp8(x)
+    assert x_fp8.dtype == torch.float8_e4m3fn and x_fp8.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == (2, 3, 1)
+    xf = x.float()
+    torch.testing.assert_close(scale, xf.abs().amax(-1, keepdim=True) / 448, rtol=0, atol=0)
+    assert torch.equal(x_fp8.float().abs().amax(-1), torch.full((2, 3), 448.0))  # each row's amax -> 448
+    err = (x_fp8.float() * scale - xf).abs()
+    assert (err <= rounding_bound(xf, scale)).all()
+
+
+def test_quantize_fp8_exact_on_the_grid():
+    """Values that are E4M3 numbers times the scale come back exactly."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # every E4M3 value
+    grid = grid[grid.isfinite()]
+    x = (grid * 0.5).view(1, -1)  # amax 224: scale 0.5
+    x_fp8, scale = Q.quantize_fp8(x)
+    assert scale.item() == 0.5 and torch.equal(x_fp8.float() * 0.5, x)
+
+
+def test_quantize_fp8_zero_rows():
+    x = torch.zeros(3, 16)
+    x[1, 4] = -2.0
+    x_fp8, scale = Q.quantize_fp8(x)
+    assert scale[0].item() == scale[2].item() == Q.MIN_SCALE == 2.0**-126
+    assert not x_fp8.float()[[0, 2]].any()
+    assert scale[1].item() == (torch.tensor(2.0) / 448).item() and x_fp8.float()[1, 4].item() == -448.0
+
+
+def test_quantize_weight_fp8_per_output_channel():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 48, generator=g) * torch.linspace(0.1, 10, 24)[:, None]
+    w_fp8, w_scale = Q.quantize_weight_fp8(w.bfloat16())
+    assert w_fp8.shape == (24, 48) and w_fp8.dtype == torch.float8_e4m3fn
+    assert w_scale.shape == (24,) and w_scale.dtype == torch.float32
+    wb = w.bfloat16().float()
+    assert ((w_fp8.float() * w_scale[:, None] - wb).abs() <= rounding_bound(wb, w_scale[:, None])).all()
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(4, 8, dtype=torch.int32), torch.zeros(()), torch.zeros(4, 0),
+                                 torch.zeros(4, 8, dtype=torch.float64)])
+def test_quantize_fp8_rejects_bad_input(bad):
+    with pytest.raises(ValueError, match="quantize_fp8: x must be"):
+        Q.quantize_fp8(bad)
+    with pytest.raises(ValueError, match="quantize_weight_fp8: w must be"):
+        Q.quantize_weight_fp8(torch.zeros(2, 3, 4))
+
+
+# ---------------------------------------------------------------- fp8_gemm
+
+
+def fp8_inputs(m_shape=(2, 3), k=64, n=40, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*m_shape, k, generator=g)
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    b = torch.randn(n, generator=g) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("act", sorted(G.ACTIVATIONS))
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_fp8_gemm_is_dequantized_float_math(act, out_dtype):
+    x, w, b = fp8_inputs()
+    x_fp8, x_scale = Q.quantize_fp8(x)
+    w_fp8, w_scale = Q.quantize_weight_fp8(w)
+    out = Q.fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, b, act, out_dtype)
+    assert out.shape == (2, 3, 40) and out.dtype == out_dtype and out.is_contiguous()
+    x_deq = x_fp8.double() * x_scale.double()
+    w_deq = w_fp8.double() * w_scale.double()[:, None]
+    expected = G.ACTIVATIONS[act](x_deq @ w_deq.T + b.double()).to(out_dtype)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[out_dtype]
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+def test_fp8_gemm_error_against_unquantized_within_format_bound():
+    """|x^ w^ - x w| <= sum_k e_x |w| + |x| e_w + e_x e_w, with e the per-element rounding bound."""
+    x, w, _ = fp8_inputs(m_shape=(5,), k=96, n=32)
+    x_fp8, x_scale = Q.quantize_fp8(x)
+    w_fp8, w_scale = Q.quantize_weight_fp8(w)
+    out = Q.fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, None, "none", torch.float32).double()
+    e_x, e_w = rounding_bound(x, x_scale).double(), rounding_bound(w, w_scale[:, None]).double()
+    xd, wd = x.double().abs(), w.double().abs()
+    bound = e_x @ wd.T + xd @ e_w.T + e_x @ e_w.T
+    err = (out - x.double() @ w.double().T).abs()
+    assert (err <= bound + 1e-5).all()
+    assert err.max() > 0  # the quantization is visible at all
+
+
+def good_fp8_args():
+    x, w, b = fp8_inputs(m_shape=(3,), k=32, n=16)
+    return [*Q.quantize_fp8(x), *Q.quantize_weight_fp8(w), b, "none", torch.bfloat16]
+
+
+@pytest.mark.parametrize("index, value, match", [
+    (0, torch.zeros(3, 32), "x_fp8 must be torch.float8_e4m3fn"),
+    (2, torch.zeros(16, 32, dtype=torch.bfloat16), "w_fp8 must be torch.float8_e4m3fn"),
+    (2, torch.zeros(16, 24, dtype=torch.float8_e4m3fn), r"x_fp8 must be \[..., K\] and w_fp8 \[N, K\]"),
+    (1, torch.ones(3), r"x_scale must be float32 \[3, 1\]"),
+    (1, torch.ones(3, 1, dtype=torch.bfloat16), "x_scale must be float32"),
+    (3, torch.ones(16, 1), r"w_scale must be float32 \[16\]"),
+    (4, torch.ones(8), r"bias must be floating \[N\] = \[16\]"),
+    (5, "gelu_new", "act='gelu_new' is not one of"),
+    (6, torch.float64, "out_dtype=torch.float64 is not one of"),
+])
+def test_fp8_gemm_rejects_bad_args(index, value, match):
+    args = good_fp8_args()
+    args[index] = value
+    with pytest.raises(ValueError, match="fp8_gemm: " + match):
+        Q.fp8_gemm(*args)
+
+
+# test_schema compares inputs and outputs with allclose, which float8 tensors lack.
+OPCHECK_UTILS = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+
+
+def test_opcheck():
+    args = good_fp8_args()
+    torch.library.opcheck(torch.ops.trtllm.fp8_gemm.default, tuple(args), test_utils=OPCHECK_UTILS)
+    args[4], args[5], args[6] = None, "silu", torch.float32
+    torch.library.opcheck(torch.ops.trtllm.fp8_gemm.default, tuple(args), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.trtllm.quantize_fp8.default, (torch.randn(2, 3, 16),), test_utils=OPCHECK_UTILS)
+
+
+def test_fake_kernels_under_fake_tensor_mode():
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        x = torch.empty(4, 3, 64, dtype=torch.bfloat16)
+        x_fp8, x_scale = Q.quantize_fp8(x)
+        assert x_fp8.shape == (4, 3, 64) and x_fp8.dtype == torch.float8_e4m3fn
+        assert x_scale.shape == (4, 3, 1) and x_scale.dtype == torch.float32
+        w_fp8 = torch.empty(96, 64, dtype=torch.float8_e4m3fn)
+        out = Q.fp8_gemm(x_fp8, x_scale, w_fp8, torch.empty(96), None, "gelu_tanh", torch.float16)
+        assert out.shape == (4, 3, 96) and out.dtype == torch.float16
+
+
+# ---------------------------------------------------------------- Fp8GemmPlan
+
+
+def make_plan(has_bias=True):
+    times = (
+        (1, (("scaled_mm", 2.0), ("triton", 1.0))),
+        (16, (("scaled_mm", 1.0), ("triton", 1.0))),  # a tie goes to scaled_mm, listed first
+        (256, (("scaled_mm", 1.0), ("triton", 2.0))),
+    )
+    return Q.Fp8GemmPlan(16, 32, torch.bfloat16, "none", has_bias, torch.device("cuda", 0), times)
+
+
+def test_plan_routes_by_token_count(monkeypatch):
+    plan = make_plan()
+    # Boundaries at sqrt(1 * 16) = 4 and sqrt(16 * 256) = 64.
+    assert {m: plan.winner(m) for m in (1, 4, 5, 64, 65, 10_000)} == {
+        1: "triton", 4: "triton", 5: "scaled_mm", 64: "scaled_mm", 65: "scaled_mm", 10_000: "scaled_mm"}
+    called = []
+    for name in Q.FP8_IMPLEMENTATIONS:
+        monkeypatch.setitem(Q.FP8_IMPLEMENTATIONS, name, lambda *args, name=name: called.append(name))
+    args = good_fp8_args()
+    for m in (3, 20):
+        x = fp8_inputs(m_shape=(m,), k=32, n=16)[0]
+        plan(*Q.quantize_fp8(x), *args[2:])
+    assert called == ["triton", "scaled_mm"]
+
+
+def test_plan_rejects_another_shape():
+    args = good_fp8_args()
+    with pytest.raises(ValueError, match="Fp8GemmPlan: planned for act='none'"):
+        make_plan(has_bias=False)(*args)
+
+
+def test_plan_describe_and_order():
+    lines = make_plan().describe().splitlines()
+    assert lines[0] == "fp8_gemm n=16 k=32 out torch.bfloat16 act=none bias=True on cuda:0"
+    assert lines[1] == "  M = 1: scaled_mm 2.0000 ms, triton 1.0000 ms -> triton"
+    assert lines[2].endswith("-> scaled_mm")
+    with pytest.raises(ValueError, match="increasing"):
+        Q.Fp8GemmPlan(16, 32, torch.bfloat16, "none", True, torch.device("cuda"), ())
+
+
+def test_planning_off_cuda_raises():
+    with pytest.raises(ValueError, match="plan_fp8_gemm: .*device cpu"):
+        Q.plan_fp8_gemm(16, 32, torch.bfloat16, "none", False, "cpu")
+
+
+def test_scaled_mm_fits():
+    assert Q.scaled_mm_fits(4096, 14336) and not Q.scaled_mm_fits(100, 32) and not Q.scaled_mm_fits(32, 40)
+    assert math.isclose(Q.FP8_MAX, torch.finfo(torch.float8_e4m3fn).max)
