@@ -15,10 +15,11 @@ Formats (built once by `pack_int8` / `pack_int4`, read back by `unpack`), both s
   [N, 1]); otherwise group_size is a power of two in [32, 1024] that divides K (int4's default 128).
 
 On CUDA the op runs `lowbit_gemm`, one autotuned Triton kernel that also serves FP8 weights
-(`quant.fp8_gemm_triton`): up to 4 tokens a GEMV that streams the packed weight and
+(`quant.fp8_gemm_triton`): at a few tokens a GEMV that streams the packed weight and
 dequantizes it on the CUDA cores (the decode case: it reads 1/2 or 1/4 of a bf16 weight's
-bytes), from 5 tokens tiles through `tl.dot` (a weight tile dequantized to x's dtype exactly:
-the integers fit; each group's scale applied to its partial product).
+bytes), and tiles through `tl.dot` (a weight tile dequantized to x's dtype exactly: the
+integers fit; each group's scale applied to its partial product), chosen per token-count
+bucket by the autotuner.
 """
 
 from __future__ import annotations
@@ -191,12 +192,15 @@ def _config(block_m: int, block_n: int, block_kb: int, num_warps: int, num_stage
 
 # Tiles by M bucket (M rounded up to a power of two). Up to GEMV_MAX_ROWS rows a program streams
 # BLOCK_N weight rows over all of K in 16-byte loads, 4-8 KB per step as the bf16 GEMV
-# (gemv.py) found best; from 5 rows tl.dot tiles of 16 rows; from 32 rows GEMM tiles.
+# (gemv.py) found best; tl.dot tiles of 16 rows from 8 rows, and also tried at 2 and 4 (int4's
+# CUDA-core GEMV spends 4 rows' products on the integer pipes: 0.4 TB/s at M = 4 on an H100,
+# its tl.dot tiles about 1.3); GEMM tiles from 32 rows.
 _DOT_DECODE = [_config(16, 32, 128, 4, 3), _config(16, 32, 256, 4, 4), _config(16, 16, 256, 4, 4)]
 _CONFIGS: dict[int, list[triton.Config]] = {
-    1: [_config(1, 4, 1024, 4), _config(1, 4, 2048, 4), _config(1, 2, 2048, 4), _config(1, 8, 1024, 8)],
-    2: [_config(2, 4, 1024, 4), _config(2, 2, 2048, 4), _config(2, 8, 512, 4)],
-    4: [_config(4, 4, 512, 4), _config(4, 2, 1024, 4), _config(2, 8, 512, 4)],
+    1: [_config(1, 4, 1024, 4), _config(1, 4, 2048, 4), _config(1, 2, 2048, 4), _config(1, 8, 1024, 8),
+        _config(1, 8, 512, 4), _config(1, 4, 512, 2)],
+    2: [_config(2, 4, 1024, 4), _config(2, 2, 2048, 4), _config(2, 8, 512, 4), *_DOT_DECODE[1:]],
+    4: [_config(4, 4, 512, 4), _config(4, 2, 1024, 4), _config(2, 8, 512, 4), *_DOT_DECODE],
     8: _DOT_DECODE,
     16: _DOT_DECODE,
 }
@@ -254,7 +258,7 @@ def _lowbit_gemm_kernel(
     # Rows past M and N wrap around: loaded without a mask (whole 16-byte vectors), never stored.
     rows_m = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)  # [BLOCK_M]
     rows_n = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)  # [BLOCK_N]
-    if BLOCK_M <= 4:
+    if BLOCK_M <= 4:  # GEMV_MAX_ROWS
         acc = _gemv_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
                          PACK, PER_CHANNEL, SUB_BYTES, SUBS, BLOCK_M, BLOCK_N)
     else:
@@ -277,8 +281,8 @@ def _weights(q, PACK: tl.constexpr):
     a float subtract) instead of the quarter-rate int-to-float conversion."""
     if PACK == 2:
         q = q.to(tl.int32)  # zero-extended bytes
-        lo = ((q & 15) + 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
-        hi = ((q >> 4) + 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        lo = ((q & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8; & | -> one LOP3
+        hi = ((q >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     elif q.dtype == tl.int8:
         lo = (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
         hi = lo
@@ -310,13 +314,13 @@ def _gemv_step(x_ptrs, w_ptrs, s_ptrs, in_k, in_sub, PACK: tl.constexpr, PER_CHA
         else:
             x_hi = tl.load(x_ptrs + SUB_BYTES).to(tl.float32)
         p += x_hi * hi
-    if PER_CHANNEL:
-        return p
-    if MASKED:
-        s = tl.load(s_ptrs, mask=in_sub, other=0.0).to(tl.float32)
-    else:
-        s = tl.load(s_ptrs).to(tl.float32)
-    return tl.sum(p, axis=3) * s
+    if not PER_CHANNEL:  # one return below: Triton types every return, taken or not
+        if MASKED:
+            s = tl.load(s_ptrs, mask=in_sub, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(s_ptrs).to(tl.float32)
+        p = tl.sum(p, axis=3) * s
+    return p
 
 
 @triton.jit

@@ -66,6 +66,16 @@ def test_steps_and_remainder(config, bits, group_size, k):
     assert_close_to_ref(out, x, w_q, scales, bits, group_size)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits, group_size, k", FORMATS)
+def test_dot_tiles_at_a_few_rows(dtype, bits, group_size, k):
+    """Buckets 2 and 4 also time tl.dot tiles of 16 rows: 3 rows wrap around in them."""
+    x, w_q, scales = wo_inputs(bits, group_size, k, (3,), dtype=dtype)
+    out = W.lowbit_gemm(x, w_q, scales, bits, group_size, config=W._CONFIGS[4][-1])
+    assert W._CONFIGS[4][-1].kwargs["BLOCK_M"] == 16
+    assert_close_to_ref(out, x, w_q, scales, bits, group_size)
+
+
 def test_strided_x_and_no_tokens():
     _, w_q, scales = wo_inputs(4, 32, 64, (1,))
     x = torch.randn(64, 3).t()  # [3, 64], stride 1 along M
