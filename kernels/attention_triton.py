@@ -12,7 +12,7 @@ on the GPU, and CUDA graphs can capture it):
   so the grid, `T // BLOCK_M + B` query blocks, is known without reading the lengths.
 - `_decode_kernel` (+ `_combine_kernel`): sequences with one new token. One program takes one
   KV head and all G query heads that read it (GQA: each key is loaded once), over one of
-  NUM_SPLITS slices of the context (flash-decoding), so that few long sequences still fill the
+  num_splits slices of the context (flash-decoding), so that few long sequences still fill the
   GPU; the combine kernel merges the slices' partial softmaxes.
 
 Both attention kernels compute in float32 with exp2: p = 2^(s * log2(e) - m).
@@ -282,14 +282,16 @@ def _prefill_kernel(
 # ---------------------------------------------------------------- decode
 
 
-@triton.jit(do_not_specialize=["stride_tb"])
+# The number of splits is an argument, not a constant: each decode bucket has its own, and a
+# variant per value would cost a compile each while CUDA graphs are captured.
+@triton.jit(do_not_specialize=["stride_tb", "num_splits"])
 def _decode_kernel(
     q_ptr, out_ptr, part_ptr, stats_ptr, cache_ptr, cu_ptr, kv_lens_ptr, tables_ptr,
-    qk_scale, softcap, window, block_size,
+    qk_scale, softcap, window, block_size, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ckv, stride_ch, stride_cp, stride_tb,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -302,7 +304,7 @@ def _decode_kernel(
     lo = 0
     if WINDOW:
         lo = tl.maximum(ctx - window, 0)
-    chunk = tl.cdiv(tl.cdiv(ctx - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, ctx)
     offs_g = tl.arange(0, BLOCK_G)  # [G] query heads of this KV head
@@ -326,22 +328,22 @@ def _decode_kernel(
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, f, v.to(q.dtype), in_ctx[None, :],
                                              PRECISION)
     out_mask = g_ok[:, None] & d_ok[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # Partial results [B, H, NUM_SPLITS, ...]: un-normalized acc, running max and sum.
-        part_row = (b * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split  # [G]
+        # Partial results [B, H, num_splits, ...]: un-normalized acc, running max and sum.
+        part_row = (b * (tl.num_programs(1) * GROUP) + heads) * num_splits + split  # [G]
         tl.store(part_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=out_mask)
         tl.store(stats_ptr + part_row * 2, m_i, mask=g_ok)
         tl.store(stats_ptr + part_row * 2 + 1, l_i, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(
-    out_ptr, part_ptr, stats_ptr, cu_ptr, stride_ot, stride_oh,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    out_ptr, part_ptr, stats_ptr, cu_ptr, stride_ot, stride_oh, num_splits,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits s."""
     b = tl.program_id(0)
@@ -349,14 +351,15 @@ def _combine_kernel(
     row = tl.load(cu_ptr + b)
     if tl.load(cu_ptr + b + 1) - row != 1:
         return
-    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
     offs_d = tl.arange(0, BLOCK_D)
-    part_row = (b * tl.num_programs(1) + h) * NUM_SPLITS + offs_s  # [S]
-    m = tl.load(stats_ptr + part_row * 2)  # [S]
-    l = tl.load(stats_ptr + part_row * 2 + 1)
+    part_row = (b * tl.num_programs(1) + h) * num_splits + offs_s  # [S]
+    m = tl.load(stats_ptr + part_row * 2, mask=s_ok, other=float("-inf"))  # [S]
+    l = tl.load(stats_ptr + part_row * 2 + 1, mask=s_ok, other=0.0)
     m_max = tl.max(m, 0)
     w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))  # [S]
-    acc = tl.load(part_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :])  # [S, D]
+    acc = tl.load(part_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # [S, D]
     total = tl.sum(w * l, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # [D]
     tl.store(out_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
@@ -475,17 +478,17 @@ def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softca
         stats = q.new_empty((num_seqs, num_heads, splits, 2), dtype=torch.float32)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, out, part, stats, cache, cu, kv_lens, tables,
-        scale * LOG2E, softcap, sliding_window, block_size,
+        scale * LOG2E, softcap, sliding_window, block_size, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *cache.stride()[:4], tables.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_D=block_d,
-        BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=splits, WINDOW=sliding_window > 0,
+        BLOCK_N=64 if head_dim <= 128 else 32, SPLIT=splits > 1, WINDOW=sliding_window > 0,
         SOFTCAP=softcap > 0, PRECISION=_precision(q), num_warps=4, num_stages=3,
     )
     if splits > 1:
         _combine_kernel[(num_seqs, num_heads)](
-            out, part, stats, cu, out.stride(0), out.stride(1),
-            D=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
+            out, part, stats, cu, out.stride(0), out.stride(1), splits,
+            D=head_dim, BLOCK_D=block_d, BLOCK_S=max(16, splits),
         )
 
 

@@ -94,7 +94,7 @@ def default_registry() -> Registry:
 def _cuda_impls() -> dict:
     """The GPU implementation of each op that has one. Each falls back to the op's reference
     for inputs its kernel does not take (float64, head dims over 256)."""
-    from trtllm.kernels import activation, attention, gemm, norm, rope
+    from trtllm.kernels import activation, attention, gemm, norm, quant, rope, wo_gemm
 
     ops = torch.ops.trtllm
     kernels = {
@@ -107,6 +107,11 @@ def _cuda_impls() -> dict:
         ops.rope.default: rope.rope_triton,
         ops.silu_mul.default: activation.silu_mul_triton,
         ops.gelu_mul.default: activation.gelu_mul_triton,
+        ops.quantize_fp8.default: quant.quantize_fp8_triton,
+        ops.wo_gemm.default: wo_gemm.wo_gemm_triton,
+        # _scaled_mm where its shapes fit, else the Triton kernel (a measured plan per
+        # weight arrives with the quantization pass)
+        ops.fp8_gemm.default: quant._fp8_gemm_cuda,
     }
     impls = {op: Impl("triton", fn, devices=("cuda",)) for op, fn in kernels.items()}
     planner = gemm.GemmActPlanner()
