@@ -18,6 +18,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .pdl import enabled as pdl_enabled
+from .pdl import pdl_start
+
 GELU_APPROXIMATIONS = ("none", "tanh")
 
 
@@ -103,7 +106,7 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # it computes i
 def _act_mul_kernel(
     x_ptr, out_ptr,  # x: [M, 2F] rows with unit column stride; out: [M, F] dense
     width, stride_x,  # width = F
-    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, c] = act(x[m, c]).to(x.dtype) * x[m, F + c] for BLOCK columns c of row m.
 
@@ -111,6 +114,7 @@ def _act_mul_kernel(
     "gelu_tanh" 0.5 g (1 + tanh(y)) = g * sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g^3).
     Computed in float32; the activation is rounded to x.dtype before the product, as in eager.
     """
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     mask = cols < width
@@ -142,9 +146,10 @@ def _launch_act_mul(x: Tensor, activation: str) -> Tensor:
         return out
     block = min(triton.next_power_of_2(width), 1024)
     grid = (rows.shape[0], triton.cdiv(width, block))
+    pdl = pdl_enabled(x)
     _act_mul_kernel[grid](
-        rows, out, width, rows.stride(0), ACTIVATION=activation, BLOCK=block,
-        num_warps=min(4, max(1, block // 256)),
+        rows, out, width, rows.stride(0), ACTIVATION=activation, BLOCK=block, PDL=pdl,
+        num_warps=min(4, max(1, block // 256)), launch_pdl=pdl,
     )
     return out
 

@@ -28,6 +28,9 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .pdl import enabled as pdl_enabled
+from .pdl import pdl_start
+
 LOG2E = math.log2(math.e)
 
 
@@ -41,7 +44,9 @@ def _write_kv_kernel(
     stride_cb, stride_ckv, stride_ch, stride_cp,
     block_size,
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)  # before the early return: see kernels/pdl.py
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
     if slot < 0:
@@ -67,13 +72,14 @@ def write_kv_triton(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor
     if num_tokens == 0:
         return
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    pdl = pdl_enabled(k)
     _write_kv_kernel[(num_tokens,)](
         k, v, kv_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         kv_cache.shape[3],
         HKV=num_kv_heads, D=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl,
     )
 
 
@@ -292,8 +298,9 @@ def _decode_kernel(
     stride_cb, stride_ckv, stride_ch, stride_cp, stride_tb,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -343,9 +350,10 @@ def _decode_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(
     out_ptr, part_ptr, stats_ptr, cu_ptr, stride_ot, stride_oh, num_splits,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits s."""
+    pdl_start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.load(cu_ptr + b)
@@ -470,6 +478,7 @@ def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softca
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, block_size = cache.shape[2], cache.shape[3]
     group = num_heads // num_kv_heads
+    pdl = pdl_enabled(q)
     block_d = _block_d(head_dim)
     splits = _decode_splits(num_seqs, num_kv_heads, tables.shape[1] * block_size, q.device)
     part = stats = out  # unused when there is one split
@@ -483,12 +492,12 @@ def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softca
         *cache.stride()[:4], tables.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_D=block_d,
         BLOCK_N=64 if head_dim <= 128 else 32, SPLIT=splits > 1, WINDOW=sliding_window > 0,
-        SOFTCAP=softcap > 0, PRECISION=_precision(q), num_warps=4, num_stages=3,
+        SOFTCAP=softcap > 0, PRECISION=_precision(q), PDL=pdl, num_warps=4, num_stages=3, launch_pdl=pdl,
     )
     if splits > 1:
         _combine_kernel[(num_seqs, num_heads)](
             out, part, stats, cu, out.stride(0), out.stride(1), splits,
-            D=head_dim, BLOCK_D=block_d, BLOCK_S=max(16, splits),
+            D=head_dim, BLOCK_D=block_d, BLOCK_S=max(16, splits), PDL=pdl, launch_pdl=pdl,
         )
 
 

@@ -10,3 +10,8 @@ def dump_dir() -> Path | None:
     """`TRTLLM_DUMP_DIR`: write the graph after every fusion pass into this folder."""
     value = os.environ.get("TRTLLM_DUMP_DIR")
     return Path(value) if value else None
+
+
+def pdl() -> bool:
+    """`TRTLLM_PDL=0` turns programmatic dependent launch off (kernels/pdl.py); on by default."""
+    return os.environ.get("TRTLLM_PDL", "1") != "0"

@@ -19,6 +19,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .activation import apply_act
+from .pdl import enabled as pdl_enabled
+from .pdl import pdl_start
 
 
 def gemm_operands(x: Tensor, weight: Tensor, contiguous: bool = False) -> tuple[int, int, int, Tensor, Tensor]:
@@ -98,11 +100,12 @@ def _gemv_act_kernel(
     M, N, K, M_BUCKET,  # M_BUCKET: only the autotune key
     stride_xm, stride_wn, stride_wk, stride_om,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[M, N] = act(x[M, K] @ w[N, K]^T + bias[N]) for small M, float32 accumulation; x has
     unit stride along K. Program pid takes rows tile pid % cdiv(M, BLOCK_M) of x and rows tile
     pid // cdiv(M, BLOCK_M) of w: the M tiles that share a w tile run next to each other."""
+    pdl_start(PDL)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     pid_m = pid % num_pid_m
@@ -178,11 +181,12 @@ def _launch_gemv_act(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    pdl = pdl_enabled(x)
     kernel[grid](
         x2, weight, out if bias is None else bias.contiguous(), out,
         m, n, k, m_bucket,
         x2.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, ACT=act, DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-        **meta,
+        PDL=pdl, launch_pdl=pdl, **meta,
     )
     return out.view(*x.shape[:-1], n)

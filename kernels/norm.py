@@ -19,6 +19,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .pdl import enabled as pdl_enabled
+from .pdl import pdl_start
+
 # ---------------------------------------------------------------- trtllm::rmsnorm
 
 
@@ -55,6 +58,7 @@ def _rmsnorm_kernel(
     x_ptr, residual_ptr, s_ptr, weight_ptr, y_ptr,  # x, residual: [M, H] rows; the rest dense
     num_rows, hidden, stride_x, stride_residual, eps,
     HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """ROWS rows of y = rmsnorm(x [+ residual]) per program, the whole row in registers.
 
@@ -62,6 +66,7 @@ def _rmsnorm_kernel(
     rstd = rsqrt(mean(h^2) + eps) and h = x.float(), or with a residual
     h = s.float() where s = (x + residual).to(s.dtype) is stored too.
     """
+    pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK)  # [BLOCK]
     col_ok = cols < hidden
@@ -206,12 +211,13 @@ def _launch_rmsnorm(
         return y, s
     rows_per_program, block, num_warps = _row_tiling(hidden)
     grid = (triton.cdiv(num_rows, rows_per_program),)
+    pdl = pdl_enabled(x)
     _rmsnorm_kernel[grid](
         x_rows, residual_rows, s, weight.contiguous(), y,
         num_rows, hidden, x_rows.stride(0),
         0 if residual_rows is None else residual_rows.stride(0), eps,
         HAS_RESIDUAL=residual is not None, GEMMA=gemma, ROWS=rows_per_program, BLOCK=block,
-        num_warps=num_warps,
+        PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
     )
     return y, s
 

@@ -25,6 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .pdl import enabled as pdl_enabled
+from .pdl import pdl_start
+
 
 def _rotate_half(t: Tensor) -> Tensor:
     half = t.shape[-1] // 2
@@ -157,9 +160,10 @@ def _rope_kernel(
     stride_cos_b, stride_cos_s, stride_sin_b, stride_sin_s,
     Q_COMPUTE: tl.constexpr, K_COMPUTE: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_PASS: tl.constexpr,
+    BLOCK_PASS: tl.constexpr, PDL: tl.constexpr,
 ):
     """One token (b, s) per program: its cos/sin row is read once for every head of q and k."""
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     b = token // seq_len
     s = token % seq_len
@@ -203,6 +207,7 @@ def rope_triton(
     num_pass = max(q_dim, k_dim) - 2 * rot_half  # head dims past Drot, copied unchanged
     block_qh = triton.next_power_of_2(max(num_q_heads, 1))
     block_half = triton.next_power_of_2(rot_half)
+    pdl = pdl_enabled(q)
     _rope_kernel[(batch * seq_len,)](
         q, k, cos, sin, q_out, k_out,
         seq_len, num_q_heads, num_k_heads, q_dim, k_dim, rot_half,
@@ -211,7 +216,8 @@ def rope_triton(
         Q_COMPUTE=q_compute, K_COMPUTE=k_compute, INTERLEAVED=bool(interleaved),
         BLOCK_QH=block_qh, BLOCK_KH=triton.next_power_of_2(max(num_k_heads, 1)),
         BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(num_pass) if num_pass > 0 else 0,
-        num_warps=4 if block_qh * block_half <= 2048 else 8,  # the q tile: 2 x [H, Drot/2]
+        PDL=pdl, num_warps=4 if block_qh * block_half <= 2048 else 8,  # the q tile: 2 x [H, Drot/2]
+        launch_pdl=pdl,
     )
     return q_out, k_out
 

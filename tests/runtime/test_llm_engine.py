@@ -251,3 +251,20 @@ def test_kv_cache_memory_leaves_room_for_the_measured_activations():
     free, _ = torch.cuda.mem_get_info()
     assert llm.runtime.pool.num_blocks * per_block <= 0.06 * (free + llm.runtime.pool.buffer.numel() * 2)
     assert llm.generate([PROMPTS[2]], trtllm.SamplingParams(max_new_tokens=4))[0].token_ids
+
+
+@pytest.mark.gpu
+def test_programmatic_dependent_launch_changes_no_token(monkeypatch):
+    """Kernels launched with PDL (kernels/pdl.py) start before the kernel ahead of them ends;
+    they must wait for its results all the same: the same logits and tokens as without."""
+    model = make_model("llama").cuda()
+    kwargs = dict(dtype="bf16", max_batch_size=4, device="cuda")
+    params = [trtllm.SamplingParams(max_new_tokens=24, ignore_eos=True),
+              trtllm.SamplingParams(max_new_tokens=20, temperature=0.8, seed=7, ignore_eos=True)]
+    with_pdl = trtllm.compile(model, **kwargs)
+    monkeypatch.setenv("TRTLLM_PDL", "0")
+    without = trtllm.compile(model, **kwargs)
+    expected = [o.token_ids for o in without.generate(PROMPTS[1:3], params)]
+    monkeypatch.delenv("TRTLLM_PDL")
+    assert [o.token_ids for o in with_pdl.generate(PROMPTS[1:3], params)] == expected
+    assert list(with_pdl.stream(PROMPTS[4], params[0])) == list(without.stream(PROMPTS[4], params[0]))
