@@ -463,23 +463,30 @@ def _median_ms(fn: Callable[..., Tensor], *args) -> float:
 
 
 class GemmActPlanner:
-    """The plans of one build: each (n, k, dtype, act, has_bias, device) measured once."""
+    """The plans of one build: each (n, k, dtype, act, has_bias, device) measured once.
 
-    def __init__(self, token_counts: Sequence[int] = PLAN_TOKEN_COUNTS) -> None:
+    plan_fn makes a plan: plan_gemm_act (a GemmActPlan), or any function with its arguments
+    whose plan is called like the op it plans and has `describe()` (quant.plan_fp8_gemm, whose
+    dtype is the output's).
+    """
+
+    def __init__(self, token_counts: Sequence[int] = PLAN_TOKEN_COUNTS,
+                 plan_fn: Callable[..., Callable[..., Tensor]] = plan_gemm_act) -> None:
         self.token_counts = tuple(token_counts)
-        self._plans: dict[tuple, GemmActPlan] = {}
+        self.plan_fn = plan_fn
+        self._plans: dict[tuple, Callable[..., Tensor]] = {}
 
     def plan(
         self, n: int, k: int, dtype: torch.dtype, act: str, has_bias: bool, device: torch.device | str,
         implementations: Sequence[str] | None = None,
-    ) -> GemmActPlan:
+    ) -> Callable[..., Tensor]:
         """The plan of this shape (among `implementations`, default all), measured on the first request."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share plans
         key = (n, k, dtype, act, has_bias, device, None if implementations is None else tuple(implementations))
         if key not in self._plans:
-            self._plans[key] = plan_gemm_act(*key[:6], token_counts=self.token_counts, implementations=key[6])
+            self._plans[key] = self.plan_fn(*key[:6], token_counts=self.token_counts, implementations=key[6])
         return self._plans[key]
 
     def describe(self) -> str:

@@ -21,6 +21,10 @@ merge into the norm before it. Its CUDA implementations:
 
 `plan_fp8_gemm` times both per weight shape at a few token counts and returns an `Fp8GemmPlan`
 that dispatches each call by its token count, as `gemm.plan_gemm_act` does for gemm_act.
+
+`trtllm::quantize_weight(w, format, group_size)` makes any of the three weight formats (fp8,
+and wo_gemm's int8 / int4) from a float weight. The quantization pass puts it on the weights
+in the graph; it reads weights only, so lowering computes it once at build time (fold).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch import Tensor
 
 from . import gemm as G
 from .gemm import ACTIVATIONS, PLAN_TOKEN_COUNTS
-from .wo_gemm import lowbit_gemm
+from .wo_gemm import MAX_GROUP, MIN_GROUP, lowbit_gemm, pack_int4, pack_int8
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -85,6 +89,66 @@ def quantize_weight_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"quantize_weight_fp8: w must be a floating [N, K] weight, got {tuple(w.shape)} {w.dtype}")
     w_fp8, w_scale = quantize_fp8_ref(w)  # [N, K], [N, 1]
     return w_fp8, w_scale.view(-1)
+
+
+# ---------------------------------------------------------------- trtllm::quantize_weight
+
+WEIGHT_FORMATS = ("fp8", "int8", "int4")
+INT4_GROUP_SIZE = 128  # int4's group size where K allows it
+
+
+def weight_group_size(fmt: str, k: int) -> int | None:
+    """The group size a K-column weight gets in `fmt`: K (per output channel) for fp8 and int8;
+    for int4 the largest power of two in [MIN_GROUP, INT4_GROUP_SIZE] that divides K (128 for
+    every real model; 64 or 32 for tiny ones), None where none does (the layer stays unquantized)."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_group_size: format {fmt!r} is not one of {WEIGHT_FORMATS}")
+    if fmt != "int4":
+        return k
+    group_size = INT4_GROUP_SIZE
+    while group_size >= MIN_GROUP:
+        if k % group_size == 0:
+            return group_size
+        group_size //= 2
+    return None
+
+
+def quantize_weight_ref(w: Tensor, fmt: str, group_size: int) -> tuple[Tensor, Tensor]:
+    """Plain-torch `trtllm::quantize_weight`: w [N, K] float -> (w_q, scales) in `fmt`:
+    fp8: (w_fp8 [N, K] float8_e4m3fn, w_scale [N] float32), group_size == K (quantize_weight_fp8);
+    int8: (w_q [N, K] int8, scales [N, K // group_size] float32) (wo_gemm.pack_int8);
+    int4: (w_q [N, K // 2] uint8, scales [N, K // group_size] float32) (wo_gemm.pack_int4)."""
+    if fmt == "fp8":
+        return quantize_weight_fp8(w)
+    return pack_int8(w, group_size) if fmt == "int8" else pack_int4(w, group_size)
+
+
+_quantize_weight_op = torch.library.custom_op("trtllm::quantize_weight", quantize_weight_ref, mutates_args=())
+
+
+@_quantize_weight_op.register_fake
+def _quantize_weight_fake(w, fmt, group_size):
+    n, k = w.shape
+    if fmt == "fp8":
+        return w.new_empty((n, k), dtype=FP8_DTYPE), w.new_empty((n,), dtype=torch.float32)
+    w_q = w.new_empty((n, k), dtype=torch.int8) if fmt == "int8" else w.new_empty((n, k // 2), dtype=torch.uint8)
+    return w_q, w.new_empty((n, k // group_size), dtype=torch.float32)
+
+
+def quantize_weight(w: Tensor, fmt: str, group_size: int) -> tuple[Tensor, Tensor]:
+    """Build time: a float weight w [N, K] in one of WEIGHT_FORMATS ("fp8", "int8", "int4");
+    group_size: K for fp8 (per output channel), as pack_int8 / pack_int4 take it otherwise
+    (`weight_group_size` picks it). Returns (w_q, scales) as fp8_gemm / wo_gemm read them."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"quantize_weight: format {fmt!r} is not one of {WEIGHT_FORMATS}")
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize_weight: w must be a floating [N, K] weight, got {tuple(w.shape)} {w.dtype}")
+    if fmt == "fp8" and group_size != w.shape[1]:
+        raise ValueError(f"quantize_weight: fp8 weights have one scale per output channel: group_size must be "
+                         f"K = {w.shape[1]}, got {group_size}")
+    if fmt == "int4" and not MIN_GROUP <= group_size <= MAX_GROUP:
+        raise ValueError(f"quantize_weight: int4 group_size={group_size} is not in [{MIN_GROUP}, {MAX_GROUP}]")
+    return torch.ops.trtllm.quantize_weight(w, fmt, group_size)
 
 
 @triton.jit
@@ -307,12 +371,17 @@ class Fp8GemmPlan:
 
 def plan_fp8_gemm(
     n: int, k: int, out_dtype: torch.dtype, act: str, has_bias: bool, device: torch.device | str,
-    token_counts: Sequence[int] = PLAN_TOKEN_COUNTS,
+    token_counts: Sequence[int] = PLAN_TOKEN_COUNTS, implementations: Sequence[str] | None = None,
 ) -> Fp8GemmPlan:
     """Time fp8_gemm_scaled_mm (where `scaled_mm_fits`) and fp8_gemm_triton at each token count
     on random quantized inputs: the median of CUDA-graph replays after a first call that
-    compiles and autotunes (gemm's `_median_ms`). CUDA only."""
+    compiles and autotunes (gemm's `_median_ms`). CUDA only. `implementations` limits the
+    candidates to these keys of FP8_IMPLEMENTATIONS (as in gemm.plan_gemm_act, whose arguments
+    these are, so that one gemm.GemmActPlanner serves both); where one is left it is not timed."""
     device = torch.device(device)
+    unknown = set(implementations or ()) - set(FP8_IMPLEMENTATIONS)
+    if unknown:
+        raise ValueError(f"plan_fp8_gemm: unknown implementations {sorted(unknown)}; known: {list(FP8_IMPLEMENTATIONS)}")
     if device.type != "cuda":
         raise ValueError(f"plan_fp8_gemm: planning times CUDA kernels and cannot run on device {device}")
     if act not in ACTIVATIONS or out_dtype not in OUT_DTYPES:
@@ -323,7 +392,10 @@ def plan_fp8_gemm(
     g = torch.Generator(device=device).manual_seed(0)
     w_fp8, w_scale = quantize_weight_fp8(torch.randn(n, k, generator=g, device=device) * k**-0.5)
     bias = torch.randn(n, generator=g, device=device).to(out_dtype) if has_bias else None
-    names = [name for name in FP8_IMPLEMENTATIONS if name != "scaled_mm" or scaled_mm_fits(k, n)]
+    names = [name for name in FP8_IMPLEMENTATIONS if (name != "scaled_mm" or scaled_mm_fits(k, n))
+             and (implementations is None or name in implementations)]
+    if not names:
+        raise ValueError(f"plan_fp8_gemm: none of {list(implementations)} serves n={n}, k={k}")
     times = []
     for m in counts:
         x_fp8, x_scale = quantize_fp8_ref(torch.randn(m, k, generator=g, device=device))

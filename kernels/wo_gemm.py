@@ -1,6 +1,6 @@
 """`trtllm::wo_gemm`: weight-only quantized GEMM, int8 or int4 weights, activations in float.
 
-    out [..., N] = x [..., K] @ dequantize(w_q, scales) [N, K]^T, in x.dtype
+    out [..., N] = act(x [..., K] @ dequantize(w_q, scales) [N, K]^T + bias [N]), in x.dtype
 
 Formats (built once by `pack_int8` / `pack_int4`, read back by `unpack`), both symmetric:
 
@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .gemm import ACTIVATIONS
 from .gemv import gemm_epilogue
 
 WO_BITS = (4, 8)
@@ -124,36 +125,44 @@ def _check_group_size(op: str, bits: int, k: int, group_size: int) -> None:
 # ---------------------------------------------------------------- trtllm::wo_gemm
 
 
-def wo_gemm_ref(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
-    """Plain-torch `trtllm::wo_gemm`: dequantize to float32, matmul in float32, round to x.dtype."""
+def wo_gemm_ref(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int,
+                bias: Tensor | None = None, act: str = "none") -> Tensor:
+    """Plain-torch `trtllm::wo_gemm`: dequantize to float32, matmul, bias and act in float32,
+    then round once to x.dtype."""
     w = unpack(w_q, scales, bits, group_size)  # [N, K] float32
-    return F.linear(x.float(), w).to(x.dtype)  # [..., N]
+    y = F.linear(x.float(), w, None if bias is None else bias.float())  # [..., N]
+    return ACTIVATIONS[act](y).to(x.dtype)
 
 
 _wo_gemm_op = torch.library.custom_op("trtllm::wo_gemm", wo_gemm_ref, mutates_args=())
 
 
 @_wo_gemm_op.register_fake
-def _wo_gemm_fake(x, w_q, scales, bits, group_size):
+def _wo_gemm_fake(x, w_q, scales, bits, group_size, bias=None, act="none"):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
-def wo_gemm(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
-    """Weight-only quantized GEMM: out = x @ (q * scale)^T, accumulated in float32.
+def wo_gemm(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int,
+            bias: Tensor | None = None, act: str = "none") -> Tensor:
+    """Weight-only quantized GEMM: out = act(x @ (q * scale)^T + bias), accumulated in float32.
 
     x: [..., K] float32, float16 or bfloat16. w_q, scales: from pack_int8 (bits 8: w_q [N, K]
     int8) or pack_int4 (bits 4: w_q [N, K // 2] uint8); scales [N, K // group_size].
     group_size: K (per output channel, int8 only) or a power of two in [32, 1024] dividing K.
+    bias: [N] floating or None; act: a key of gemm.ACTIVATIONS.
     Returns [..., N] in x.dtype, contiguous.
     """
-    check_wo_args("wo_gemm", x, w_q, scales, bits, group_size)
-    return torch.ops.trtllm.wo_gemm(x, w_q, scales, bits, group_size)
+    check_wo_args("wo_gemm", x, w_q, scales, bits, group_size, bias, act)
+    return torch.ops.trtllm.wo_gemm(x, w_q, scales, bits, group_size, bias, act)
 
 
-def check_wo_args(op: str, x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int) -> None:
+def check_wo_args(op: str, x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int,
+                  bias: Tensor | None = None, act: str = "none") -> None:
     """ValueError naming the first argument that does not fit wo_gemm's contract."""
     if bits not in WO_BITS:
         raise ValueError(f"{op}: bits={bits} is not one of {WO_BITS}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{op}: act={act!r} is not one of {sorted(ACTIVATIONS)}")
     if x.dim() == 0 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{op}: x must be [..., K] in one of {_FLOAT_DTYPES}, got {tuple(x.shape)} {x.dtype}")
     k = x.shape[-1]
@@ -170,13 +179,18 @@ def check_wo_args(op: str, x: Tensor, w_q: Tensor, scales: Tensor, bits: int, gr
             f"{op}: scales must be floating [N, K // group_size] = {list(expected)}, "
             f"got {tuple(scales.shape)} {scales.dtype}"
         )
+    n = w_q.shape[0]
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"{op}: bias must be floating [N] = [{n}], got {tuple(bias.shape)} {bias.dtype}")
 
 
 @_wo_gemm_op.register_kernel("cuda")
-def wo_gemm_triton(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
+def wo_gemm_triton(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int,
+                   bias: Tensor | None = None, act: str = "none") -> Tensor:
     """`trtllm::wo_gemm` as `lowbit_gemm` (autotuned Triton), the op's CUDA kernel; same
-    contract as wo_gemm_ref (float32 accumulation, one rounding to x.dtype)."""
-    return lowbit_gemm(x, w_q, scales, bits, group_size)
+    contract as wo_gemm_ref (float32 accumulation, bias and act in its epilogue, one rounding
+    to x.dtype)."""
+    return lowbit_gemm(x, w_q, scales, bits, group_size, bias=bias, act=act)
 
 
 # ---------------------------------------------------------------- the Triton kernel

@@ -11,6 +11,7 @@ from torch._subclasses import FakeTensorMode
 
 import trtllm.kernels.gemm as G
 import trtllm.kernels.quant as Q
+import trtllm.kernels.wo_gemm as W
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -210,3 +211,57 @@ def test_planning_off_cuda_raises():
 def test_scaled_mm_fits():
     assert Q.scaled_mm_fits(4096, 14336) and not Q.scaled_mm_fits(100, 32) and not Q.scaled_mm_fits(32, 40)
     assert math.isclose(Q.FP8_MAX, torch.finfo(torch.float8_e4m3fn).max)
+
+
+def test_planning_limited_to_unknown_implementations_raises():
+    with pytest.raises(ValueError, match=r"plan_fp8_gemm: unknown implementations \['cublas'\]"):
+        Q.plan_fp8_gemm(16, 32, torch.bfloat16, "none", False, "cuda", implementations=("cublas",))
+
+
+def test_one_planner_serves_fp8_gemm():
+    """gemm.GemmActPlanner measures each fp8_gemm shape once through plan_fn, with
+    plan_gemm_act's arguments (the dtype is the output's)."""
+    asked = []
+
+    def plan_fn(*key, token_counts, implementations):
+        asked.append((key, token_counts, implementations))
+        return make_plan()
+
+    planner = G.GemmActPlanner(token_counts=(1, 64), plan_fn=plan_fn)
+    first = planner.plan(16, 32, torch.bfloat16, "none", True, "cpu")
+    assert planner.plan(16, 32, torch.bfloat16, "none", True, "cpu") is first
+    planner.plan(16, 32, torch.float16, "none", True, "cpu")
+    assert asked == [((16, 32, torch.bfloat16, "none", True, torch.device("cpu")), (1, 64), None),
+                     ((16, 32, torch.float16, "none", True, torch.device("cpu")), (1, 64), None)]
+    assert planner.describe().count("fp8_gemm n=16 k=32") == 2
+    assert G.GemmActPlanner().plan_fn is G.plan_gemm_act
+
+
+# ---------------------------------------------------------------- trtllm::quantize_weight
+
+
+@pytest.mark.parametrize("fmt, group_size", [("fp8", 64), ("int8", 64), ("int8", 32), ("int4", 32), ("int4", 64)])
+def test_quantize_weight_is_each_formats_packing(fmt, group_size):
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(5)).bfloat16()
+    w_q, scales = Q.quantize_weight(w, fmt, group_size)
+    if fmt == "fp8":
+        expected = Q.quantize_weight_fp8(w)
+    else:
+        expected = (W.pack_int8 if fmt == "int8" else W.pack_int4)(w, group_size)
+    assert w_q.dtype == expected[0].dtype and torch.equal(w_q.view(torch.uint8), expected[0].view(torch.uint8))
+    assert torch.equal(scales, expected[1])
+    with FakeTensorMode():  # the fake kernel's shapes and dtypes are the real ones
+        fake = Q.quantize_weight(torch.empty(24, 64, dtype=torch.bfloat16), fmt, group_size)
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in (w_q, scales)]
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(4, 64), "int3", 64), "format 'int3' is not one of"),
+    ((torch.randn(64), "int8", 64), r"w must be a floating \[N, K\] weight"),
+    ((torch.randn(4, 64), "fp8", 32), "fp8 weights have one scale per output channel: group_size must be K = 64"),
+    ((torch.randn(4, 64), "int4", 64 * 32), r"int4 group_size=2048 is not in \[32, 1024\]"),
+    ((torch.randn(4, 96), "int4", 64), "pack_int4: group_size=64 does not fit K=96"),
+])
+def test_quantize_weight_rejects_bad_args(args, match):
+    with pytest.raises(ValueError, match=match):
+        Q.quantize_weight(*args)

@@ -102,6 +102,18 @@ def test_wo_gemm_error_against_unquantized_within_half_a_step(bits, group_size, 
     assert (err <= bound * (1 + 1e-6) + 1e-6).all()
 
 
+@pytest.mark.parametrize("act", ["none", "relu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wo_gemm_bias_and_activation_in_float32(act, dtype):
+    """act(x @ w^T + bias) in float32, one rounding to x.dtype (as the kernel's epilogue)."""
+    w_q, scales = pack(weight(k=64), 4, 32)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
+    bias = torch.randn(24, generator=torch.Generator().manual_seed(7)).to(dtype)
+    y = F.linear(x.float(), W.unpack(w_q, scales, 4, 32), bias.float())
+    expected = {"none": y, "relu": F.relu(y), "gelu_tanh": F.gelu(y, approximate="tanh"), "silu": F.silu(y)}[act]
+    assert torch.equal(W.wo_gemm(x, w_q, scales, 4, 32, bias, act), expected.to(dtype))
+
+
 def good_args(bits=4):
     w_q, scales = pack(weight(k=64), bits, 32)
     return [torch.randn(3, 64), w_q, scales, bits, 32]
@@ -117,9 +129,12 @@ def good_args(bits=4):
     (4, 16, r"group_size=16 does not fit K=64"),
     (2, torch.ones(24, 2, dtype=torch.int32), "scales must be floating"),
     (2, torch.ones(24, 3), r"scales must be floating \[N, K // group_size\] = \[24, 2\]"),
+    (5, torch.ones(23), r"bias must be floating \[N\] = \[24\], got \(23,\)"),
+    (5, torch.ones(24, dtype=torch.int32), r"bias must be floating \[N\] = \[24\]"),
+    (6, "tanh", "act='tanh' is not one of"),
 ])
 def test_wo_gemm_rejects_bad_args(index, value, match):
-    args = good_args()
+    args = good_args() + [None, "none"]
     args[index] = value
     with pytest.raises(ValueError, match="wo_gemm: " + match):
         W.wo_gemm(*args)
@@ -151,6 +166,7 @@ def test_opcheck():
     args = good_args()
     torch.library.opcheck(torch.ops.trtllm.wo_gemm.default, tuple(args))
     torch.library.opcheck(torch.ops.trtllm.wo_gemm.default, (args[0].bfloat16(), *pack(weight(k=64), 8, None), 8, 64))
+    torch.library.opcheck(torch.ops.trtllm.wo_gemm.default, (*args, torch.randn(24), "gelu"))
 
 
 def test_fake_kernel_under_fake_tensor_mode():

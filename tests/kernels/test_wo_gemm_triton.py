@@ -42,6 +42,17 @@ def test_matches_ref(dtype, m_shape, bits, group_size, k):
     assert_close_to_ref(W.wo_gemm_triton(x, w_q, scales, bits, group_size), x, w_q, scales, bits, group_size)
 
 
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("m_shape", [(1,), (2, 3)])  # CUDA cores, tl.dot
+@pytest.mark.parametrize("bits, group_size, k", [(8, 100, 100), (4, 32, 96)])
+def test_bias_and_activation_in_the_epilogue(act, m_shape, bits, group_size, k):
+    x, w_q, scales = wo_inputs(bits, group_size, k, m_shape)
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(1))
+    out = W.wo_gemm_triton(x, w_q, scales, bits, group_size, bias, act)
+    expected = W.wo_gemm_ref(x, w_q, scales, bits, group_size, bias, act)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 UNIQUE_CONFIGS = list({str(c): c for c in [*sum(W._CONFIGS.values(), []), *W._GEMM_CONFIGS]}.values())
 
 
@@ -129,3 +140,14 @@ def test_gemm_tiles_on_gpu(bits, group_size):
     x, w_q, scales = wo_inputs(bits, group_size, 4096, (200,), n=4096, dtype=torch.bfloat16, device="cuda")
     out = W.wo_gemm_triton(x, w_q, scales, bits, group_size)
     assert relative_error(out, W.wo_gemm_ref(x, w_q, scales, bits, group_size)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits, group_size", [(8, 4096), (4, 128)])
+def test_bias_and_activation_on_gpu(bits, group_size):
+    x, w_q, scales = wo_inputs(bits, group_size, 4096, (200,), n=4096, dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(4096, device="cuda").bfloat16()
+    for m in (1, 16, 200):  # CUDA-core GEMV, tl.dot tiles at decode, GEMM tiles
+        out = W.wo_gemm(x[:m], w_q, scales, bits, group_size, bias, "silu")
+        expected = W.wo_gemm_ref(x[:m], w_q, scales, bits, group_size, bias, "silu")
+        assert relative_error(out, expected) < 1e-2, m
