@@ -110,9 +110,12 @@ def prepare_weights(gm: GraphModule, weights: dict[str, torch.Tensor], device: t
 
 
 def _device_and_dtype(weights: dict[str, torch.Tensor]) -> tuple[torch.device, torch.dtype]:
-    floats = [w for w in weights.values() if w.is_floating_point()]
+    """The weights' device and the compute dtype: that of the largest 16- or 32-bit float weight
+    (quantized weights aside: fp8 ones are floats too; their float32 scales are far smaller
+    than the embeddings, which stay in the compute dtype)."""
+    floats = [w for w in weights.values() if w.dtype in DTYPES.values()]
     if not floats:
-        raise LoweringError("engine has no floating-point weights")
+        raise LoweringError("engine has no 16- or 32-bit floating-point weights")
     big = max(floats, key=lambda w: w.numel())
     return big.device, big.dtype
 

@@ -6,6 +6,10 @@ on the engine's device and whose `supports(node)` holds. An implementation with 
 the node's callable at build time from the node and the weights: `gemm_act` times its GPU
 implementations at the weight's shape there and keeps the fastest one per token count.
 
+`fp8_gemm` does likewise between `torch._scaled_mm` and the Triton kernel.
+`quantize_weight` never reaches an engine (lowering folds it into the weights) but has an
+entry like every op.
+
 A few aten ops have entries too: on a GPU, `aten.linear` with a constant weight (every linear
 layer without an activation to fuse: QKV, output, gate/up, down, LM head) runs through the
 same measured plan, between cuBLAS and the Triton GEMV that streams weights faster at decode's
@@ -109,9 +113,6 @@ def _cuda_impls() -> dict:
         ops.gelu_mul.default: activation.gelu_mul_triton,
         ops.quantize_fp8.default: quant.quantize_fp8_triton,
         ops.wo_gemm.default: wo_gemm.wo_gemm_triton,
-        # _scaled_mm where its shapes fit, else the Triton kernel (a measured plan per
-        # weight arrives with the quantization pass)
-        ops.fp8_gemm.default: quant._fp8_gemm_cuda,
     }
     impls = {op: Impl("triton", fn, devices=("cuda",)) for op, fn in kernels.items()}
     planner = gemm.GemmActPlanner()
@@ -119,6 +120,13 @@ def _cuda_impls() -> dict:
         "gemm_act, triton or cuBLAS by measurement", gemm.gemm_act_cublas, devices=("cuda",),
         bind=lambda node, weights: _plan_gemm_act(planner, node, weights),
     )
+    fp8_planner = gemm.GemmActPlanner(plan_fn=quant.plan_fp8_gemm)
+    impls[ops.fp8_gemm.default] = Impl(
+        "fp8_gemm, _scaled_mm or triton by measurement", quant._fp8_gemm_cuda, devices=("cuda",),
+        bind=lambda node, weights: _plan_fp8_gemm(fp8_planner, node, weights),
+    )
+    # Build time only (folded into the weights): the op itself, plain torch on the GPU.
+    impls[ops.quantize_weight.default] = Impl("torch (build time)", ops.quantize_weight.default, devices=("cuda",))
     decode_planner = gemm.GemmActPlanner(token_counts=(1,))
     impls[torch.ops.aten.linear.default] = Impl(
         "linear, triton_gemv or cuBLAS by measurement", torch.ops.aten.linear.default, devices=("cuda",),
@@ -157,15 +165,33 @@ def _plan_linear(planner, node: Node, weights: dict[str, torch.Tensor]) -> Calla
     return linear_planned
 
 
+def _constant_weight(node: Node, weight) -> Node:
+    """The get_attr node of a weight argument, which bind reads."""
+    if not isinstance(weight, Node) or weight.op != "get_attr":
+        raise LoweringError(f"{node.target} node {node.name}: its weight is not a graph constant")
+    return weight
+
+
 def _plan_gemm_act(planner, node: Node, weights: dict[str, torch.Tensor]) -> Callable:
     """The measured plan for this node's weight shape, dtype, activation and bias."""
     x, weight, bias, act = node.args
-    if not isinstance(weight, Node) or weight.op != "get_attr":
-        raise LoweringError(f"gemm_act node {node.name}: its weight is not a graph constant")
-    w = weights[weight.target]
+    w = weights[_constant_weight(node, weight).target]
     plan = planner.plan(*w.shape, w.dtype, act, bias is not None, w.device)
 
     def gemm_act_planned(x, weight, bias, act):  # a function, as fx wants for a call target
         return plan(x, weight, bias, act)
 
     return gemm_act_planned
+
+
+def _plan_fp8_gemm(planner, node: Node, weights: dict[str, torch.Tensor]) -> Callable:
+    """The measured plan (quant.Fp8GemmPlan) for this node's weight shape, output dtype,
+    activation and bias."""
+    x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype = node.args
+    w = weights[_constant_weight(node, w_fp8).target]
+    plan = planner.plan(*w.shape, out_dtype, act, bias is not None, w.device)
+
+    def fp8_gemm_planned(x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype):
+        return plan(x_fp8, x_scale, w_fp8, w_scale, bias, act, out_dtype)
+
+    return fp8_gemm_planned
