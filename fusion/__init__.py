@@ -3,13 +3,16 @@
 Each pass is `GraphModule -> int` (rewrites made, the graph changed in place) in its own file.
 `pipeline(patterns)` is the list a compile runs:
 
-    canonicalize  ->  user patterns  ->  fuse  ->  gather_logits  ->  insert_kv_cache
+    canonicalize  ->  user patterns  ->  fuse  ->  [quantize]  ->  gather_logits  ->  insert_kv_cache
+
+quantize runs only for a quantized dtype ("fp8", "int8", "int4").
 
 `TRTLLM_DUMP_DIR=dir` writes the graph after every pass (`NN_<pass>.txt`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from trtllm.kernels import envs
+from trtllm.kernels.quant import WEIGHT_FORMATS
 
 from .add_rmsnorm import fuse_add_rmsnorm
 from .attention import canonicalize_eager_attention, canonicalize_sdpa
@@ -28,6 +32,7 @@ from .kv_cache import insert_kv_cache
 from .merge_gemms import merge_parallel_gemms
 from .norms import canonicalize_layernorm, canonicalize_rmsnorm
 from .pattern import Match, Pattern
+from .quantize import quantize_linears
 from .rope import canonicalize_rope
 
 __all__ = ["Match", "Pattern", "PassReport", "pipeline", "register", "registered", "run_passes", "unregister"]
@@ -50,6 +55,11 @@ FUSE: tuple[tuple[str, Pass], ...] = (
     ("gemm_act", fuse_gemm_act),  # linear (+ bias) + relu / gelu / silu -> one op
     ("add_rmsnorm", fuse_add_rmsnorm),  # residual add + RMSNorm -> one op
 )
+# Weight quantization by format, run only for a quantized dtype: linear layers (not the LM
+# head) -> quantize_fp8 + fp8_gemm, or wo_gemm; lowering quantizes their weights once.
+QUANTIZE: dict[str, tuple[tuple[str, Pass], ...]] = {
+    fmt: ((f"quantize_{fmt}", functools.partial(quantize_linears, fmt=fmt)),) for fmt in WEIGHT_FORMATS
+}
 # The step graph: LM head on sampled rows only, attention over the paged KV cache.
 STEP: tuple[tuple[str, Pass], ...] = (
     ("gather_logits", gather_logits),
@@ -84,9 +94,10 @@ def pattern_passes(patterns: Iterable[Pattern]) -> list[tuple[str, Pass]]:
     return [(f"pattern:{p.name}", p.apply) for p in chosen]
 
 
-def pipeline(patterns: Iterable[Pattern] = ()) -> list[tuple[str, Pass]]:
-    """The passes a compile runs, in order."""
-    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *STEP]
+def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None) -> list[tuple[str, Pass]]:
+    """The passes a compile runs, in order; `quantization`: a key of QUANTIZE, or None."""
+    quantize = () if quantization is None else QUANTIZE[quantization]
+    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *STEP]
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,18 @@ def _path_from_lm_head(logits: Node) -> list[Node]:
     return path[::-1]
 
 
-def gather_logits(gm: GraphModule) -> int:
+def find_lm_head(gm: GraphModule) -> Node:
+    """The LM head: the linear layer whose rows become the logits (through row-wise ops only)."""
+    return _path_from_lm_head(_logits(gm))[0]
+
+
+def _logits(gm: GraphModule) -> Node:
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    path = _path_from_lm_head(output.args[0][0])
+    return output.args[0][0]
+
+
+def gather_logits(gm: GraphModule) -> int:
+    path = _path_from_lm_head(_logits(gm))
     head = path[0]
     indices = add_input(gm, "logits_indices", (new_size(gm),), torch.int64)
     with gm.graph.inserting_before(head):

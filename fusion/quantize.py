@@ -1,0 +1,114 @@
+"""Quantize the linear layers: FP8 GEMMs, or int8 / int4 weight-only GEMMs (dtype "fp8",
+"int8", "int4"). Runs after fuse, so it sees the merged QKV and gate/up GEMMs and gemm_act.
+
+fp8 (E4M3: a scale per output channel for the weight, per token for the activation):
+
+    Before:                              After:
+        y = linear(x, W, b)                  wq = trtllm.quantize_weight(W, "fp8", K)    # weights only
+      or                                     w_fp8, w_scale = wq[0], wq[1]
+        y = trtllm.gemm_act(x, W, b, act)    xq = trtllm.quantize_fp8(x)                 # one per x
+                                             x_fp8, x_scale = xq[0], xq[1]
+                                             y = trtllm.fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, b, act, x.dtype)
+
+int8 (a scale per output channel) / int4 (a scale per group of 128 along K):
+
+        y = linear(x, W, b)          ->      wq = trtllm.quantize_weight(W, "int4", 128)
+                                             y = trtllm.wo_gemm(x, wq[0], wq[1], 4, 128, b, act)
+
+W is any weight-only value: a weight (get_attr) or what the fuse passes built from weights
+(cat([Wq, Wk, Wv])). quantize_weight reads weights only, so lowering computes it once when it
+prepares the weights (`lowering/fold.py`): the engine reads the quantized tensors, and the
+float weights are dropped. Left as they are: the LM head (the linear whose rows become the
+logits; issue 6 keeps it in the compute dtype), embeddings (not linear layers), linears whose
+weight depends on activations, and int4 linears whose K no group size divides
+(`quant.weight_group_size`: a tiny model's K of 64 takes groups of 64).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from trtllm.kernels.quant import WEIGHT_FORMATS, weight_group_size
+
+from .gather_logits import find_lm_head
+from .graph import call
+
+log = logging.getLogger("trtllm")
+aten = torch.ops.aten
+trtllm = torch.ops.trtllm
+BITS = {"int8": 8, "int4": 4}  # wo_gemm's bits of each weight-only format
+
+
+def _linear_parts(node: Node) -> tuple[Node, Node, Node | None, str] | None:
+    """(x, weight, bias, act) of a linear layer node (aten.linear or trtllm.gemm_act), else None."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.linear.default:
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return node.args[0], node.args[1], bias, "none"
+    if node.target is trtllm.gemm_act.default:
+        x, weight, bias, act = node.args
+        return x, weight, bias, act
+    return None
+
+
+def _weight_only(gm: GraphModule) -> set[Node]:
+    """Nodes computed from weights alone: get_attr, and calls whose inputs are all such nodes."""
+    found: set[Node] = set()
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op == "get_attr" or (node.op == "call_function" and inputs and all(a in found for a in inputs)):
+            found.add(node)
+    return found
+
+
+def _pair(gm: GraphModule, target, *args) -> tuple[Node, Node]:
+    """The two outputs of a call that returns a pair, as getitem nodes."""
+    both = call(gm, target, *args)
+    return call(gm, operator.getitem, both, 0), call(gm, operator.getitem, both, 1)
+
+
+def quantize_linears(gm: GraphModule, fmt: str) -> int:
+    """Rewrite every linear layer with a weight-only weight (not the LM head) into `fmt`'s
+    GEMM, in place; returns how many were rewritten."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"quantize_linears: format {fmt!r} is not one of {WEIGHT_FORMATS}")
+    lm_head = find_lm_head(gm)
+    weight_only = _weight_only(gm)
+    weights: dict[Node, tuple[Node, Node]] = {}  # W -> its (w_q, scales): one per weight
+    activations: dict[Node, tuple[Node, Node]] = {}  # x -> (x_fp8, x_scale): one per input
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        parts = _linear_parts(node)
+        if parts is None or node is lm_head:
+            continue
+        x, weight, bias, act = parts
+        constant = weight in weight_only and (bias is None or bias in weight_only)
+        if not constant or x in weight_only or weight.meta["val"].dim() != 2:
+            continue
+        k = weight.meta["val"].shape[1]
+        group_size = weight_group_size(fmt, k)
+        if group_size is None:
+            log.warning("quantize %s: %s keeps its %s weight: K=%d has no int4 group size", fmt, node.name,
+                        weight.meta["val"].dtype, k)
+            continue
+        with gm.graph.inserting_before(node):
+            if weight not in weights:
+                weights[weight] = _pair(gm, trtllm.quantize_weight.default, weight, fmt, group_size)
+            w_q, scales = weights[weight]
+            if fmt == "fp8":
+                if x not in activations:
+                    activations[x] = _pair(gm, trtllm.quantize_fp8.default, x)
+                x_fp8, x_scale = activations[x]
+                out_dtype = x.meta["val"].dtype
+                new = call(gm, trtllm.fp8_gemm.default, x_fp8, x_scale, w_q, scales, bias, act, out_dtype)
+            else:
+                new = call(gm, trtllm.wo_gemm.default, x, w_q, scales, BITS[fmt], group_size, bias, act)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        rewrites += 1
+    return rewrites
