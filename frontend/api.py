@@ -46,10 +46,10 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
 
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
     done("trace")
-    reports = run_passes(traced.graph_module, pipeline(patterns))
+    reports = run_passes(traced.graph_module, pipeline(patterns, quantization=config.quantization()))
     done("fusion")
     weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
-    weights = fold_weights(traced.graph_module, weights)
+    weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them
     done("weights")
     engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU

@@ -8,15 +8,20 @@ import torch
 
 from trtllm.kernels.errors import ConfigError
 
-# Compute dtypes by their public names. fp8/int8/int4 arrive with the quantization issue.
+# Compute dtypes by their public names.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LATER_DTYPES = ("fp8", "int8", "int4")
+# Quantized dtypes: the linear layers' weights in that format (fusion/quantize.py), everything
+# else in a compute dtype: bf16 on a GPU; fp32 on CPU, where the references run, so that a
+# quantized model's logits differ from fp32's by the quantization alone (bf16 would add its
+# own rounding, and its CPU matmuls are slow).
+QUANTIZED_DTYPES = ("fp8", "int8", "int4")
+QUANTIZED_COMPUTE = {"cuda": "bf16", "cpu": "fp32"}  # by device type; other devices: fp32
 BACKENDS = ("native", "tensorrt")
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    dtype: str = "bf16"  # compute dtype: "bf16", "fp16" or "fp32"
+    dtype: str = "bf16"  # "bf16", "fp16", "fp32", or quantized: "fp8", "int8", "int4" (see QUANTIZED_DTYPES)
     max_batch_size: int = 8  # sequences in one step
     max_seq_len: int | None = None  # prompt + generated tokens (None: the model's positions, at most 2048)
     max_num_tokens: int = 2048  # tokens in one step; longer prompts are split
@@ -29,8 +34,19 @@ class BuildConfig:
     decode_steps: int = 8  # decode steps run back to back on the device between host syncs (1: every token)
     device: str | None = None  # None: "cuda" if available, else "cpu"
 
+    def compute_dtype(self) -> str:
+        """The dtype activations, embeddings, norms and the LM head run in ("bf16", "fp16", "fp32")."""
+        if self.dtype in QUANTIZED_DTYPES:
+            return QUANTIZED_COMPUTE.get(self.torch_device().type, "fp32")
+        return self.dtype
+
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The compute dtype as a torch dtype."""
+        return DTYPES[self.compute_dtype()]
+
+    def quantization(self) -> str | None:
+        """The linear layers' weight format ("fp8", "int8", "int4"), or None."""
+        return self.dtype if self.dtype in QUANTIZED_DTYPES else None
 
     def torch_device(self) -> torch.device:
         if self.device is None:
@@ -38,12 +54,13 @@ class BuildConfig:
         return torch.device(self.device)
 
     def validate(self) -> None:
-        if self.dtype in LATER_DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} is not supported yet; use one of {sorted(DTYPES)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
-        if self.kv_cache_dtype not in (None, self.dtype):
-            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; leave it None")
+        if self.dtype not in DTYPES and self.dtype not in QUANTIZED_DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES) + list(QUANTIZED_DTYPES)}")
+        if self.kv_cache_dtype not in (None, self.compute_dtype()):
+            raise ConfigError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; leave it None (the cache is kept "
+                f"in the compute dtype, {self.compute_dtype()})"
+            )
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; use one of {BACKENDS}")
         if self.backend == "tensorrt":

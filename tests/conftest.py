@@ -81,6 +81,24 @@ def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return widen_weights(ARCHITECTURES[arch](), seed).eval()
 
 
+# Names differ between families; each sets what its config has.
+FAMILY_SIZES = dict(n_embd=128, n_layer=2, n_head=4, ffn_dim=256, word_embed_proj_dim=128, n_positions=1024,
+                    rotary_dim=16, num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=64, shared_expert_intermediate_size=64)
+
+
+def make_family(family: str) -> torch.nn.Module:
+    """A tiny `transformers.<family>ForCausalLM` (e.g. "OPT", "GPTNeoX") from TINY_CONFIG."""
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(**TINY_CONFIG)
+    for key, value in FAMILY_SIZES.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    return widen_weights(getattr(transformers, f"{family}ForCausalLM")(config), seed=0).eval()
+
+
 class Fn(torch.nn.Module):
     """A module around a plain function, for tracing small graphs."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import TINY_CONFIG, widen_weights
+from conftest import make_family as make
 
 import trtllm
 
@@ -14,19 +14,6 @@ import trtllm
 # parallel blocks, QK norms, learned positions, logit scaling, ...).
 FAMILIES = ["Gemma", "Qwen3", "Olmo2", "StableLm", "Starcoder2", "GPTNeoX", "Cohere", "Granite",
             "GPTJ", "OPT", "CodeGen", "SmolLM3", "Mixtral", "Qwen2Moe"]
-# Names differ between families; each sets what its config has.
-SMALL = dict(n_embd=128, n_layer=2, n_head=4, ffn_dim=256, word_embed_proj_dim=128, n_positions=1024,
-             rotary_dim=16, num_local_experts=4, num_experts=4, num_experts_per_tok=2,
-             moe_intermediate_size=64, shared_expert_intermediate_size=64)
-
-
-def make(family: str) -> torch.nn.Module:
-    config = getattr(transformers, f"{family}Config")(**TINY_CONFIG)
-    for key, value in SMALL.items():
-        if hasattr(config, key):
-            setattr(config, key, value)
-    torch.manual_seed(0)
-    return widen_weights(getattr(transformers, f"{family}ForCausalLM")(config), seed=0).eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

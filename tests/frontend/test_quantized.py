@@ -1,0 +1,151 @@
+"""dtype="fp8", "int8", "int4" end to end on CPU: compile, logits against the fp32 model, generate,
+save and load, on tiny Llama, Qwen2 (QKV biases) and OPT (biases, LayerNorm, fc1 + relu ->
+gemm_act).
+
+On CPU the compute dtype of a quantized compile is fp32 (`frontend/config.py`), so the logits
+differ from the fp32 model's by the quantization alone. The bound comes from the format. EPS is
+the rms relative error one quantized GEMM puts on its output: a sum of K products whose
+rounding errors are independent has the relative rms error of one product.
+
+- fp8 (E4M3, 3 mantissa bits): a value's rounding error is uniform over one step, 2^-3 of its
+  binade's start, so rms 2^-3 / sqrt(12) of that; relative to the value, averaged over a binade,
+  0.74 times it (2.7%). Activations and weights are both rounded: times sqrt(2) (3.7%).
+- int8, one scale per output channel: step amax / 127, rms step / sqrt(12); the weights are
+  Gaussian and a row of 128 or 256 has amax about 3 times its rms: 3 / (127 sqrt(12)) (0.68%).
+- int4, one scale per group of 128: 3 / (7 sqrt(12)) (12%).
+
+Errors of the 16 quantized GEMMs add up through the layers: max |logits - fp32| / max |fp32|
+is 0.9 to 3 EPS on six tiny architectures in all three formats. Held to at most 6 EPS, and to
+at least EPS / 4, so that quantization is in effect with the size its format gives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_family, make_model
+
+import trtllm
+from trtllm.frontend.config import BuildConfig
+
+EPS = {
+    "fp8": 2**-3 / math.sqrt(12) * 0.74 * math.sqrt(2),
+    "int8": 3 / (127 * math.sqrt(12)),
+    "int4": 3 / (7 * math.sqrt(12)),
+}
+MODELS = {"llama": lambda: make_model("llama"), "qwen2": lambda: make_model("qwen2"), "opt": lambda: make_family("OPT")}
+# By name: transformers' check for the hub's `kernels` package imports this repository's
+# kernels/ folder a second time when the tests run from its root, which registers the trtllm
+# ops again, so their op objects must be looked up when used.
+QUANTIZED_OPS = {"fp8": "fp8_gemm", "int8": "wo_gemm", "int4": "wo_gemm"}
+IDS = torch.randint(3, 500, (3, 20), generator=torch.Generator().manual_seed(1))  # [B, S]
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+    return request.param, MODELS[request.param]()
+
+
+@pytest.fixture(scope="module")
+def fp32_logits(model):
+    with torch.no_grad():
+        return model[1](IDS).logits  # [B, S, V]
+
+
+@pytest.fixture(scope="module", params=sorted(EPS))
+def quantized(request, model):
+    name, module = model
+    return name, request.param, trtllm.compile(module, dtype=request.param, device="cpu", max_batch_size=4)
+
+
+def test_compute_dtype_and_format():
+    assert BuildConfig(dtype="fp8", device="cpu").torch_dtype() == torch.float32
+    assert BuildConfig(dtype="int4", device="cuda").torch_dtype() == torch.bfloat16
+    assert BuildConfig(dtype="int8").quantization() == "int8" and BuildConfig(dtype="bf16").quantization() is None
+
+
+def test_logits_within_the_format_bound(quantized, fp32_logits):
+    name, fmt, llm = quantized
+    rel = ((llm(IDS) - fp32_logits).abs().max() / fp32_logits.abs().max()).item()
+    assert EPS[fmt] / 4 <= rel <= 6 * EPS[fmt], f"{name} {fmt}: {rel:.4f} = {rel / EPS[fmt]:.2f} EPS"
+
+
+def test_every_linear_but_the_lm_head_is_quantized(quantized, model):
+    """16 linear layers (4 layers of QKV, output, MLP in and out) run quantized; the engine holds
+    no float copy of their weights, and the embeddings and the LM head are the model's own."""
+    name, fmt, llm = quantized
+    graph = llm.engine.graph
+    op = getattr(torch.ops.trtllm, QUANTIZED_OPS[fmt]).default
+    assert sum(n.target is op for n in graph.nodes) == 16
+    (report,) = [r for r in llm.pass_reports if r.name == f"quantize_{fmt}"]
+    assert report.rewrites == 16
+    (lm_head,) = [n for n in graph.nodes if n.target is torch.ops.aten.linear.default]
+    weights = llm.engine.weights
+    module = model[1]
+    assert torch.equal(weights[lm_head.args[1].target], module.get_output_embeddings().weight)
+    (embedding,) = [n for n in graph.nodes if n.target is torch.ops.aten.embedding.default and
+                    n.args[0].target.endswith(("embed_tokens.weight", "decoder.embed_tokens.weight"))]
+    assert torch.equal(weights[embedding.args[0].target], module.get_input_embeddings().weight)
+    floats = {t.dtype for t in weights.values()}
+    assert floats == {torch.float32, {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}[fmt]}
+    linear_names = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj",
+                    "fc1", "fc2")
+    assert not [k for k in weights if any(f".{p}.weight" in k for p in linear_names)]  # biases stay float
+    assert llm.engine.dtype == torch.float32
+
+
+def test_generate_follows_the_quantized_logits(quantized):
+    """Greedy tokens from the paged-cache runtime are the argmax of the quantized model's own
+    logits at each step (up to 1e-4 relative near-ties), and differ from nothing else."""
+    _, _, llm = quantized
+    prompts = [[5, 6, 7, 8, 9, 10], [100, 4, 250]]
+    outputs = llm.generate(prompts, trtllm.SamplingParams(max_new_tokens=12))
+    for prompt, out in zip(prompts, outputs):
+        assert len(out.token_ids) == 12
+        logits = llm([prompt + out.token_ids])[0, len(prompt) - 1: -1]  # [12, V], predicting each token
+        chosen = logits.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        gap = (logits.max(dim=1).values - chosen) / logits.abs().max()
+        assert gap.max() <= 1e-4
+
+
+def test_save_load_gives_the_same_logits(quantized, tmp_path):
+    _, fmt, llm = quantized
+    llm.save(tmp_path / "engine")
+    loaded = trtllm.load(tmp_path / "engine")
+    assert loaded.config.dtype == fmt
+    assert {k: v.dtype for k, v in loaded.engine.weights.items()} == {k: v.dtype for k, v in llm.engine.weights.items()}
+    assert torch.equal(loaded(IDS), llm(IDS))
+
+
+GPU_IMPLEMENTATIONS = {
+    "fp8": ["trtllm::fp8_gemm: fp8_gemm, _scaled_mm or triton by measurement x 16", "trtllm::quantize_fp8: triton x 16"],
+    "int8": ["trtllm::wo_gemm: triton x 16"],
+    "int4": ["trtllm::wo_gemm: triton x 16"],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", sorted(EPS))
+def test_quantized_on_gpu_in_bf16(fmt):
+    """On CUDA the compute dtype is bf16, the quantized GEMMs run their kernels (fp8: a plan
+    measured per weight shape) and decode steps replay CUDA graphs. bf16 adds its own rounding
+    (2e-2, as tests/frontend/test_end_to_end.py allows) to the format's bound."""
+    module = make_model("llama").cuda()
+    llm = trtllm.compile(module, dtype=fmt, device="cuda", max_batch_size=4)
+    assert llm.engine.dtype == torch.bfloat16
+    report = llm.report()
+    assert all(line in report for line in GPU_IMPLEMENTATIONS[fmt]), report
+    ids = IDS.cuda()
+    with torch.no_grad():
+        expected = module(ids).logits
+    rel = ((llm(ids).float() - expected).abs().max() / expected.abs().max()).item()
+    assert EPS[fmt] / 4 <= rel <= 6 * EPS[fmt] + 2e-2, f"{fmt}: {rel:.4f}"
+    prompts = [[5, 6, 7, 8, 9, 10], [100, 4, 250]]
+    for prompt, out in zip(prompts, llm.generate(prompts, trtllm.SamplingParams(max_new_tokens=24))):
+        assert len(out.token_ids) == 24
+        logits = llm([prompt + out.token_ids])[0, len(prompt) - 1: -1].float()  # [24, V]
+        chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
+        gap = (logits.max(dim=1).values - chosen) / logits.abs().max()
+        assert gap.max() <= 2e-2, "greedy tokens of the CUDA-graph decode steps follow the model's own logits"
