@@ -465,15 +465,15 @@ def _median_ms(fn: Callable[..., Tensor], *args) -> float:
 class GemmActPlanner:
     """The plans of one build: each (n, k, dtype, act, has_bias, device) measured once.
 
-    plan_fn makes a plan: plan_gemm_act (a GemmActPlan), or any function with its arguments
-    whose plan is called like the op it plans and has `describe()` (quant.plan_fp8_gemm, whose
-    dtype is the output's).
+    plan_fn makes a plan: plan_gemm_act (None: a GemmActPlan), or any function with its
+    arguments whose plan is called like the op it plans and has `describe()`
+    (quant.plan_fp8_gemm, whose dtype is the output's).
     """
 
     def __init__(self, token_counts: Sequence[int] = PLAN_TOKEN_COUNTS,
-                 plan_fn: Callable[..., Callable[..., Tensor]] = plan_gemm_act) -> None:
+                 plan_fn: Callable[..., Callable[..., Tensor]] | None = None) -> None:
         self.token_counts = tuple(token_counts)
-        self.plan_fn = plan_fn
+        self.plan_fn = plan_gemm_act if plan_fn is None else plan_fn
         self._plans: dict[tuple, Callable[..., Tensor]] = {}
 
     def plan(
