@@ -16,7 +16,8 @@ int8 (a scale per output channel) / int4 (a scale per group of 128 along K):
                                              y = trtllm.wo_gemm(x, wq[0], wq[1], 4, 128, b, act)
 
 W is any weight-only value: a weight (get_attr) or what the fuse passes built from weights
-(cat([Wq, Wk, Wv])). quantize_weight reads weights only, so lowering computes it once when it
+(cat([Wq, Wk, Wv])). GPT-2's Conv1D, `addmm(b, x, W)` and `mm(x, W)` with W [K, N], is a
+linear layer too: its weight is quantized as t(W). quantize_weight reads weights only, so lowering computes it once when it
 prepares the weights (`lowering/fold.py`): the engine reads the quantized tensors, and the
 float weights are dropped. Left as they are: the LM head (the linear whose rows become the
 logits; issue 6 keeps it in the compute dtype), embeddings (not linear layers), linears whose
@@ -43,16 +44,24 @@ trtllm = torch.ops.trtllm
 BITS = {"int8": 8, "int4": 4}  # wo_gemm's bits of each weight-only format
 
 
-def _linear_parts(node: Node) -> tuple[Node, Node, Node | None, str] | None:
-    """(x, weight, bias, act) of a linear layer node (aten.linear or trtllm.gemm_act), else None."""
+def _linear_parts(node: Node) -> tuple[Node, Node, Node | None, str, bool] | None:
+    """(x, weight, bias, act, transposed) of a linear layer node, else None: aten.linear and
+    trtllm.gemm_act take W [N, K]; aten.addmm(b, x, W) (with beta = alpha = 1) and aten.mm(x, W)
+    take W [K, N] (transposed)."""
     if node.op != "call_function":
         return None
     if node.target is aten.linear.default:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return node.args[0], node.args[1], bias, "none"
+        return node.args[0], node.args[1], bias, "none", False
     if node.target is trtllm.gemm_act.default:
         x, weight, bias, act = node.args
-        return x, weight, bias, act
+        return x, weight, bias, act, False
+    if node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
+        bias, x, weight = node.args
+        return x, weight, bias, "none", True
+    if node.target is aten.mm.default:
+        x, weight = node.args
+        return x, weight, None, "none", True
     return None
 
 
@@ -79,27 +88,28 @@ def quantize_linears(gm: GraphModule, fmt: str) -> int:
         raise ValueError(f"quantize_linears: format {fmt!r} is not one of {WEIGHT_FORMATS}")
     lm_head = find_lm_head(gm)
     weight_only = _weight_only(gm)
-    weights: dict[Node, tuple[Node, Node]] = {}  # W -> its (w_q, scales): one per weight
+    weights: dict[tuple[Node, bool], tuple[Node, Node]] = {}  # (W, transposed) -> (w_q, scales)
     activations: dict[Node, tuple[Node, Node]] = {}  # x -> (x_fp8, x_scale): one per input
     rewrites = 0
     for node in list(gm.graph.nodes):
         parts = _linear_parts(node)
         if parts is None or node is lm_head:
             continue
-        x, weight, bias, act = parts
-        constant = weight in weight_only and (bias is None or bias in weight_only)
+        x, weight, bias, act, transposed = parts
+        constant = weight in weight_only and (bias is None or bias in weight_only and bias.meta["val"].dim() == 1)
         if not constant or x in weight_only or weight.meta["val"].dim() != 2:
             continue
-        k = weight.meta["val"].shape[1]
+        k = weight.meta["val"].shape[0 if transposed else 1]
         group_size = weight_group_size(fmt, k)
         if group_size is None:
             log.warning("quantize %s: %s keeps its %s weight: K=%d has no int4 group size", fmt, node.name,
                         weight.meta["val"].dtype, k)
             continue
         with gm.graph.inserting_before(node):
-            if weight not in weights:
-                weights[weight] = _pair(gm, trtllm.quantize_weight.default, weight, fmt, group_size)
-            w_q, scales = weights[weight]
+            if (weight, transposed) not in weights:
+                w = call(gm, aten.t.default, weight) if transposed else weight  # [N, K]
+                weights[weight, transposed] = _pair(gm, trtllm.quantize_weight.default, w, fmt, group_size)
+            w_q, scales = weights[weight, transposed]
             if fmt == "fp8":
                 if x not in activations:
                     activations[x] = _pair(gm, trtllm.quantize_fp8.default, x)

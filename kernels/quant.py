@@ -117,7 +117,9 @@ def quantize_weight_ref(w: Tensor, fmt: str, group_size: int) -> tuple[Tensor, T
     """Plain-torch `trtllm::quantize_weight`: w [N, K] float -> (w_q, scales) in `fmt`:
     fp8: (w_fp8 [N, K] float8_e4m3fn, w_scale [N] float32), group_size == K (quantize_weight_fp8);
     int8: (w_q [N, K] int8, scales [N, K // group_size] float32) (wo_gemm.pack_int8);
-    int4: (w_q [N, K // 2] uint8, scales [N, K // group_size] float32) (wo_gemm.pack_int4)."""
+    int4: (w_q [N, K // 2] uint8, scales [N, K // group_size] float32) (wo_gemm.pack_int4).
+    w may be strided (a transposed [K, N] weight)."""
+    w = w.contiguous()  # [N, K]
     if fmt == "fp8":
         return quantize_weight_fp8(w)
     return pack_int8(w, group_size) if fmt == "int8" else pack_int4(w, group_size)

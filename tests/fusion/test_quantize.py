@@ -126,6 +126,44 @@ def test_gemm_act_and_bias_carry_over(fmt):
         torch.testing.assert_close(gm(x)[0], reference(module, x, fmt), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_conv1d_addmm_and_mm_quantize_the_transposed_weight(fmt):
+    """GPT-2's Conv1D: addmm(b, x, W) and mm(x, W) with W [K, N] -> the format's GEMM on t(W)."""
+
+    class Conv1D(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.b1 = torch.nn.Parameter(torch.randn(64, 96) / 8), torch.nn.Parameter(torch.randn(96))
+            self.w2 = torch.nn.Parameter(torch.randn(96, 64) / 10)
+            self.head = torch.nn.Linear(64, 16, bias=False)
+
+        def forward(self, x):
+            return self.head(torch.mm(torch.addmm(self.b1, x, self.w1), self.w2))
+
+    module = Conv1D().eval()
+    x = torch.randn(3, 64)
+    gm = traced_aten(module, x)
+    assert count_op(gm, aten.addmm.default) == 1 and count_op(gm, aten.mm.default) == 1
+    assert quantize_linears(gm, fmt) == 2
+    gm.recompile()
+    transposes = [n for n in gm.graph.nodes if n.target is aten.t.default]
+    assert [n.args[0].target for n in transposes] == ["w1", "w2"]
+    assert all(next(iter(n.users)).target is ops.quantize_weight.default for n in transposes)
+    group = {"fp8": (64, 96), "int8": (64, 96), "int4": (64, 32)}[fmt]  # K = 64 and 96
+    assert [n.args[2] for n in gm.graph.nodes if n.target is ops.quantize_weight.default] == list(group)
+
+    def gemm(x, w, b):
+        group_size = Q.weight_group_size(fmt, w.shape[1])
+        w_q, scales = Q.quantize_weight(w, fmt, group_size)
+        if fmt == "fp8":
+            return Q.fp8_gemm_ref(*Q.quantize_fp8_ref(x), w_q, scales, b, "none", x.dtype)
+        return W.wo_gemm_ref(x, w_q, scales, 8 if fmt == "int8" else 4, group_size, b)
+
+    with torch.no_grad():
+        expected = module.head(gemm(gemm(x, module.w1.T, module.b1), module.w2.T, None))
+        torch.testing.assert_close(gm(x)[0], expected, rtol=0, atol=0)
+
+
 def test_an_input_and_a_weight_are_quantized_once():
     """Two linears of one input (left unmerged) share one quantize_fp8; a weight read twice is
     quantized once."""
