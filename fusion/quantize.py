@@ -20,9 +20,12 @@ W is any weight-only value: a weight (get_attr) or what the fuse passes built fr
 linear layer too: its weight is quantized as t(W). quantize_weight reads weights only, so lowering computes it once when it
 prepares the weights (`lowering/fold.py`): the engine reads the quantized tensors, and the
 float weights are dropped. Left as they are: the LM head (the linear whose rows become the
-logits; issue 6 keeps it in the compute dtype), embeddings (not linear layers), linears whose
-weight depends on activations, and int4 linears whose K no group size divides
-(`quant.weight_group_size`: a tiny model's K of 64 takes groups of 64).
+logits; issue 6 keeps it in the compute dtype), MoE routers (linears whose output picks experts
+through topk: a rounding that flips a choice changes the whole MLP, and they are tiny),
+embeddings (not linear layers), linears whose weight depends on activations, and int4 linears
+whose K no group size divides (`quant.weight_group_size`: a tiny model's K of 64 takes groups
+of 64). MoE experts that transformers runs through its own grouped-GEMM op are not linear
+layers here, so they stay in the compute dtype too.
 """
 
 from __future__ import annotations
@@ -65,6 +68,21 @@ def _linear_parts(node: Node) -> tuple[Node, Node, Node | None, str, bool] | Non
     return None
 
 
+# Ops between an MoE router's logits and the topk that picks experts.
+_ROUTING_STEPS = (aten._softmax.default, aten.softmax.int, aten.sigmoid.default, aten._to_copy.default)
+
+
+def _picks_experts(node: Node) -> bool:
+    """Whether node's output reaches aten.topk through softmax, sigmoid and casts only."""
+    frontier = [node]
+    while frontier:
+        users = [u for n in frontier for u in n.users]
+        if any(u.target is aten.topk.default for u in users):
+            return True
+        frontier = [u for u in users if u.target in _ROUTING_STEPS]
+    return False
+
+
 def _weight_only(gm: GraphModule) -> set[Node]:
     """Nodes computed from weights alone: get_attr, and calls whose inputs are all such nodes."""
     found: set[Node] = set()
@@ -82,8 +100,8 @@ def _pair(gm: GraphModule, target, *args) -> tuple[Node, Node]:
 
 
 def quantize_linears(gm: GraphModule, fmt: str) -> int:
-    """Rewrite every linear layer with a weight-only weight (not the LM head) into `fmt`'s
-    GEMM, in place; returns how many were rewritten."""
+    """Rewrite every linear layer with a weight-only weight (not the LM head, not an MoE
+    router) into `fmt`'s GEMM, in place; returns how many were rewritten."""
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"quantize_linears: format {fmt!r} is not one of {WEIGHT_FORMATS}")
     lm_head = find_lm_head(gm)
@@ -93,7 +111,7 @@ def quantize_linears(gm: GraphModule, fmt: str) -> int:
     rewrites = 0
     for node in list(gm.graph.nodes):
         parts = _linear_parts(node)
-        if parts is None or node is lm_head:
+        if parts is None or node is lm_head or _picks_experts(node):
             continue
         x, weight, bias, act, transposed = parts
         constant = weight in weight_only and (bias is None or bias in weight_only and bias.meta["val"].dim() == 1)

@@ -183,6 +183,26 @@ def test_an_input_and_a_weight_are_quantized_once():
     assert count_op(gm, ops.fp8_gemm.default) == 2
 
 
+def test_moe_router_stays_float():
+    """A linear whose output picks experts (softmax, then topk) is left in the compute dtype."""
+
+    class Routed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = torch.nn.Linear(32, 4, bias=False)
+            self.up = torch.nn.Linear(32, 32, bias=False)
+            self.head = torch.nn.Linear(32, 16, bias=False)
+
+        def forward(self, x):
+            weights, _ = torch.topk(torch.softmax(self.router(x).float(), dim=-1), 2)
+            return self.head(self.up(x) * weights.sum(-1, keepdim=True))
+
+    gm = traced_aten(Routed(), torch.randn(3, 32))
+    assert quantize_linears(gm, "fp8") == 1
+    routers = [n for n in gm.graph.nodes if n.target is aten.linear.default and n.args[1].target == "router.weight"]
+    assert len(routers) == 1
+
+
 def test_weights_computed_from_activations_stay_float():
     class Scaled(torch.nn.Module):
         def __init__(self):
