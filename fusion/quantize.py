@@ -115,13 +115,14 @@ def quantize_linears(gm: GraphModule, fmt: str) -> int:
             continue
         x, weight, bias, act, transposed = parts
         constant = weight in weight_only and (bias is None or bias in weight_only and bias.meta["val"].dim() == 1)
-        if not constant or x in weight_only or weight.meta["val"].dim() != 2:
+        w_val = weight.meta["val"]
+        if not constant or x in weight_only or w_val.dim() != 2 or not w_val.is_floating_point():
             continue
-        k = weight.meta["val"].shape[0 if transposed else 1]
+        k = w_val.shape[0 if transposed else 1]
         group_size = weight_group_size(fmt, k)
         if group_size is None:
             log.warning("quantize %s: %s keeps its %s weight: K=%d has no int4 group size", fmt, node.name,
-                        weight.meta["val"].dtype, k)
+                        w_val.dtype, k)
             continue
         with gm.graph.inserting_before(node):
             if (weight, transposed) not in weights:
