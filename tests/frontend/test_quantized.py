@@ -144,7 +144,7 @@ def test_quantized_on_gpu_in_bf16(fmt):
     rel = ((llm(ids).float() - expected).abs().max() / expected.abs().max()).item()
     assert EPS[fmt] / 4 <= rel <= 6 * EPS[fmt] + 2e-2, f"{fmt}: {rel:.4f}"
     prompts = [[5, 6, 7, 8, 9, 10], [100, 4, 250]]
-    for prompt, out in zip(prompts, llm.generate(prompts, trtllm.SamplingParams(max_new_tokens=24))):
+    for prompt, out in zip(prompts, llm.generate(prompts, trtllm.SamplingParams(max_new_tokens=24, ignore_eos=True))):
         assert len(out.token_ids) == 24
         logits = llm([prompt + out.token_ids])[0, len(prompt) - 1: -1].float()  # [24, V]
         chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
