@@ -425,17 +425,9 @@ def plan_gemm_act(
     `implementations` limits the candidates to these keys of _IMPLEMENTATIONS; where only one
     is left at a token count it is not timed (its time reads nan).
     """
-    device = torch.device(device)
-    unknown = set(implementations or ()) - set(_IMPLEMENTATIONS)
-    if unknown:
-        raise ValueError(f"plan_gemm_act: unknown implementations {sorted(unknown)}; known: {list(_IMPLEMENTATIONS)}")
-    if device.type != "cuda":
-        raise ValueError(f"plan_gemm_act: planning times CUDA kernels and cannot run on device {device}")
     if act not in ACTIVATIONS:
         raise ValueError(f"plan_gemm_act: act={act!r} is not one of {sorted(ACTIVATIONS)}")
-    counts = sorted(set(token_counts))
-    if not counts or counts[0] < 1:
-        raise ValueError(f"plan_gemm_act: token_counts must be positive and non-empty, got {tuple(token_counts)}")
+    device, counts = check_plan_args("plan_gemm_act", implementations, _IMPLEMENTATIONS, device, token_counts)
     g = torch.Generator(device=device).manual_seed(0)
     weight = (torch.randn(n, k, generator=g, device=device) * k**-0.5).to(dtype)  # [N, K]
     bias = torch.randn(n, generator=g, device=device).to(dtype) if has_bias else None  # [N]
@@ -454,6 +446,22 @@ def plan_gemm_act(
         buckets.append(GemmActBucket(m, times))
     return GemmActPlan(n, k, dtype, act, has_bias, device, tuple(buckets),
                        zero_bias=None if has_bias else lt_bias)
+
+
+def check_plan_args(planner: str, implementations: Sequence[str] | None, known: Sequence[str],
+                    device: torch.device | str, token_counts: Sequence[int]) -> tuple[torch.device, list[int]]:
+    """(device, sorted token counts) of a planner's call, checked: implementations among
+    `known`, a CUDA device, positive token counts."""
+    device = torch.device(device)
+    unknown = set(implementations or ()) - set(known)
+    if unknown:
+        raise ValueError(f"{planner}: unknown implementations {sorted(unknown)}; known: {list(known)}")
+    if device.type != "cuda":
+        raise ValueError(f"{planner}: planning times CUDA kernels and cannot run on device {device}")
+    counts = sorted(set(token_counts))
+    if not counts or counts[0] < 1:
+        raise ValueError(f"{planner}: token_counts must be positive and non-empty, got {tuple(token_counts)}")
+    return device, counts
 
 
 def _median_ms(fn: Callable[..., Tensor], *args) -> float:

@@ -35,6 +35,21 @@ def gemm_operands(x: Tensor, weight: Tensor, contiguous: bool = False) -> tuple[
 
 
 @triton.jit
+def gemv_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(pid_m, pid_n, rows_m [BLOCK_M], rows_n [BLOCK_N]) of this GEMV program: program pid takes
+    row tile pid % cdiv(M, BLOCK_M) of x and row tile pid // cdiv(M, BLOCK_M) of w, so the M
+    tiles that share a w tile run next to each other. Rows past M and N wrap around: loaded
+    without a mask (whole 16-byte vectors), never stored."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_pid_m
+    pid_n = pid // num_pid_m
+    rows_m = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)  # [BLOCK_M]
+    rows_n = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)  # [BLOCK_N]
+    return pid_m, pid_n, rows_m, rows_n
+
+
+@triton.jit
 def gemm_epilogue(acc, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om,
                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Tile (pid_m, pid_n) of out [M, N] = act(acc [BLOCK_M, BLOCK_N] float32 + bias [N]), rounded
@@ -106,13 +121,7 @@ def _gemv_act_kernel(
     unit stride along K. Program pid takes rows tile pid % cdiv(M, BLOCK_M) of x and rows tile
     pid // cdiv(M, BLOCK_M) of w: the M tiles that share a w tile run next to each other."""
     pdl_start(PDL)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % num_pid_m
-    pid_n = pid // num_pid_m
-    # Rows past M and N wrap around: loaded without a mask (whole 16-byte vectors), never stored.
-    rows_m = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)  # [BLOCK_M]
-    rows_n = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)  # [BLOCK_N]
+    pid_m, pid_n, rows_m, rows_n = gemv_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     use_dot: tl.constexpr = BLOCK_M >= 16
     if use_dot:

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import gemm as G
-from .gemm import ACTIVATIONS, PLAN_TOKEN_COUNTS
+from .gemm import ACTIVATIONS, PLAN_TOKEN_COUNTS, check_plan_args
 from .wo_gemm import MAX_GROUP, MIN_GROUP, lowbit_gemm, pack_int4, pack_int8
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -380,17 +380,9 @@ def plan_fp8_gemm(
     compiles and autotunes (gemm's `_median_ms`). CUDA only. `implementations` limits the
     candidates to these keys of FP8_IMPLEMENTATIONS (as in gemm.plan_gemm_act, whose arguments
     these are, so that one gemm.GemmActPlanner serves both); where one is left it is not timed."""
-    device = torch.device(device)
-    unknown = set(implementations or ()) - set(FP8_IMPLEMENTATIONS)
-    if unknown:
-        raise ValueError(f"plan_fp8_gemm: unknown implementations {sorted(unknown)}; known: {list(FP8_IMPLEMENTATIONS)}")
-    if device.type != "cuda":
-        raise ValueError(f"plan_fp8_gemm: planning times CUDA kernels and cannot run on device {device}")
     if act not in ACTIVATIONS or out_dtype not in OUT_DTYPES:
         raise ValueError(f"plan_fp8_gemm: act={act!r} or out_dtype={out_dtype} is not supported")
-    counts = sorted(set(token_counts))
-    if not counts or counts[0] < 1:
-        raise ValueError(f"plan_fp8_gemm: token_counts must be positive and non-empty, got {tuple(token_counts)}")
+    device, counts = check_plan_args("plan_fp8_gemm", implementations, FP8_IMPLEMENTATIONS, device, token_counts)
     g = torch.Generator(device=device).manual_seed(0)
     w_fp8, w_scale = quantize_weight_fp8(torch.randn(n, k, generator=g, device=device) * k**-0.5)
     bias = torch.randn(n, generator=g, device=device).to(out_dtype) if has_bias else None

@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .gemm import ACTIVATIONS
-from .gemv import gemm_epilogue
+from .gemv import gemm_epilogue, gemv_tile
 
 WO_BITS = (4, 8)
 QMAX = {8: 127, 4: 7}  # the largest |q| of each format (symmetric: -8 is never used by int4)
@@ -265,13 +265,7 @@ def _lowbit_gemm_kernel(
     else s [N, K // GROUP_SIZE] scales each group's partial sums. Program pid takes row tile
     pid % cdiv(M, BLOCK_M) of x and row tile pid // cdiv(M, BLOCK_M) of w.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % num_pid_m
-    pid_n = pid // num_pid_m
-    # Rows past M and N wrap around: loaded without a mask (whole 16-byte vectors), never stored.
-    rows_m = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)  # [BLOCK_M]
-    rows_n = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)  # [BLOCK_N]
+    pid_m, pid_n, rows_m, rows_n = gemv_tile(M, N, BLOCK_M, BLOCK_N)
     if BLOCK_M <= 4:  # GEMV_MAX_ROWS
         acc = _gemv_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
                          PACK, PER_CHANNEL, SUB_BYTES, SUBS, BLOCK_M, BLOCK_N)
