@@ -172,22 +172,35 @@ def print_layers(r: dict) -> None:
     print("\n  ".join(parts), flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="gemv.json")
-    parser.add_argument("--ms", default="1,2,4,8,16", help="token counts, comma-separated")
+def shape_parser(doc: str, out: str, ms: str) -> argparse.ArgumentParser:
+    """The arguments every decode-shape benchmark takes: --out, --ms (token counts), --models."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--ms", default=ms, help="token counts, comma-separated")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--autotune-log", action="store_true", help="print every config's autotuning time")
-    args = parser.parse_args()
+    return parser
+
+
+def start_run(script: str) -> tuple[float, dict]:
+    """Refuse to run without a GPU; else the copy bandwidth (printed) and the result's header:
+    device, versions and that bandwidth."""
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/gemv.py times CUDA kernels: no GPU here")
-    triton.knobs.autotuning.print = args.autotune_log
-    ms = [int(m) for m in args.ms.split(",")]
+        raise SystemExit(f"{script} times CUDA kernels: no GPU here")
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"copy bandwidth {bandwidth / 1e12:.3f} TB/s")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "copy_tb_s": bandwidth / 1e12, "rows": [], "layers": []}
+          f"copy bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
+    return bandwidth, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "copy_tb_s": bandwidth / 1e12}
+
+
+def main():
+    parser = shape_parser(__doc__, "gemv.json", "1,2,4,8,16")
+    parser.add_argument("--autotune-log", action="store_true", help="print every config's autotuning time")
+    args = parser.parse_args()
+    bandwidth, result = start_run("benchmarks/gemv.py")
+    triton.knobs.autotuning.print = args.autotune_log
+    ms = [int(m) for m in args.ms.split(",")]
+    result.update(rows=[], layers=[])
     print(HEADER)
     for model in args.models.split(","):
         for gemm, (n, k) in MODELS[model][1].items():

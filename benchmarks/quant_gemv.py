@@ -23,15 +23,13 @@ Each result is checked against its op's float32 reference (relative error).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import traceback
 
 import torch
 import torch.nn.functional as F
-import triton
-from gemv import LAYER_GEMMS, MODELS, copy_bandwidth, weight_copies  # benchmarks/gemv.py
+from gemv import LAYER_GEMMS, MODELS, copy_bandwidth, shape_parser, start_run, weight_copies  # benchmarks/gemv.py
 from kernel_bench import graph_ms  # benchmarks/kernel_bench.py: a script's own folder is on sys.path
 
 import trtllm.kernels.quant as Q
@@ -171,20 +169,11 @@ def print_per_step(t: dict) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="quant_gemv.json")
-    parser.add_argument("--ms", default="1,4,16", help="token counts, comma-separated")
-    parser.add_argument("--models", default=",".join(MODELS))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/quant_gemv.py times CUDA kernels: no GPU here")
+    args = shape_parser(__doc__, "quant_gemv.json", "1,4,16").parse_args()
+    bandwidth, result = start_run("benchmarks/quant_gemv.py")
     ms = [int(m) for m in args.ms.split(",")]
     models = args.models.split(",")
-    bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"copy bandwidth {bandwidth / 1e12:.3f} TB/s", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "copy_tb_s": bandwidth / 1e12, "int4_group_size": GROUP_SIZE, "rows": [], "per_step": []}
+    result.update(int4_group_size=GROUP_SIZE, rows=[], per_step=[])
 
     def save():  # after every shape, so that a run cut short keeps what it measured
         with open(args.out, "w") as f:
