@@ -26,7 +26,7 @@ from trtllm.lowering.engine import Engine
 
 from .beam_search import BeamSearch
 from .kv_cache import KVCachePool
-from .model_runner import ModelRunner
+from .model_runner import GREEDY, ModelRunner, Sampler
 from .sampler import SampleRow, SamplingBatch, has_penalty, make_generator, sample, sample_tokens
 from .sampling_params import GenerationOutput, SamplingParams
 from .scheduler import Request, ScheduledBatch, ScheduledSequence, Scheduler
@@ -114,7 +114,7 @@ class _Burst:
     tokens: torch.Tensor  # [num_steps, n] on the device; the last row feeds a burst that follows
     host_tokens: torch.Tensor  # [num_steps, n], where they are being copied (pinned on a GPU)
     copied: torch.cuda.Event | None  # the copy has landed (None: the copy was synchronous)
-    sampler: Callable[[torch.Tensor], torch.Tensor]  # logits -> tokens for its rows, reused by a burst that follows
+    sampler: Sampler  # logits -> tokens for its rows (or GREEDY), reused by a burst that follows
     timing: StepTiming | None  # its device span, when steps are timed
 
 
@@ -148,7 +148,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.block_size, self.pool.num_blocks, config.max_batch_size,
                                    config.max_num_tokens, config.max_seq_len)
         self.runner = ModelRunner(engine, self.pool, config.max_batch_size, config.max_seq_len, config.cuda_graphs,
-                                  config.max_num_tokens)
+                                  config.max_num_tokens, config.decode_steps)
         self.runner.capture()
         self._requests: dict[str, _RequestState] = {}
         # finished, not yet handed to their caller: each request's outputs (a beam search may give several)
@@ -279,12 +279,14 @@ class LLMEngine:
         """num_steps decode steps back to back on the device; the host reads the tokens once,
         after it has launched the burst that follows where one may (`_land`)."""
         assert not batch.block_copies, "beams, which share blocks, never burst"
-        sampler = functools.partial(sample_tokens, batch=SamplingBatch.build(rows, self.engine.device))
+        sampling = SamplingBatch.build(rows, self.engine.device)
+        # all greedy: the argmax runs inside each step's graph
+        sampler = GREEDY if sampling.greedy else functools.partial(sample_tokens, batch=sampling)
         tokens = self.runner.decode(batch.sequences, num_steps, sampler)
         self._in_flight = self._launched(batch, tokens, sampler, timing)
         return self._land(timing)
 
-    def _launched(self, batch: ScheduledBatch, tokens: torch.Tensor, sampler: Callable[[torch.Tensor], torch.Tensor],
+    def _launched(self, batch: ScheduledBatch, tokens: torch.Tensor, sampler: Sampler,
                   timing: StepTiming | None) -> _Burst:
         """A burst just launched: its tokens `[num_steps, n]` start their copy to the host."""
         num_steps, n = tokens.shape

@@ -17,6 +17,9 @@ runs eagerly, its inputs built fresh. A burst
 (`decode(..., num_steps=K)`) runs K decode steps back to back with no host round trip: each
 step's sampled tokens are written on the device into the next step's inputs, and positions,
 context lengths and cache slots advance there too; the host reads the K tokens once at the end.
+A greedy burst (`sample=GREEDY`) replays a second graph per decode bucket that also takes the
+argmax and advances the inputs (`step_kernels.py`): one replay per step, nothing launched
+between them.
 Padding rows feed token 0 at position 0 and write no cache slot (slot -1); a padding
 sequence (in a decode bucket) has one such token and a context of one, and a short step's
 padding tokens after its sequence belong to none. Padding is never sampled.
@@ -36,6 +39,11 @@ from trtllm.lowering.engine import Engine
 
 from .kv_cache import KVCachePool
 from .scheduler import ScheduledBatch, ScheduledSequence
+from .step_kernels import advance_ref, advance_triton
+
+# `sample` of a greedy burst: the argmax and the next step's inputs run inside each step's graph
+GREEDY = "greedy"
+Sampler = Callable[[torch.Tensor], torch.Tensor] | str  # logits [n, V] -> tokens [n], or GREEDY
 
 PREFILL_GRAPH_TOKENS = 256  # one-sequence steps of at most this many new tokens replay graphs too
 _FIRST_PREFILL_BUCKET = 16
@@ -57,7 +65,8 @@ def prefill_buckets(max_num_tokens: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, engine: Engine, pool: KVCachePool, max_batch_size: int = 8, max_seq_len: int = 2048,
-                 cuda_graphs: bool = True, max_num_tokens: int = 2048):
+                 cuda_graphs: bool = True, max_num_tokens: int = 2048, decode_steps: int = 8):
+        """decode_steps: the longest burst (`decode(..., num_steps)`) a greedy burst may run."""
         self.engine = engine
         self.pool = pool
         self.device = engine.device
@@ -66,11 +75,13 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self._inputs = _StepInputs(max(max_batch_size, self.prefill_buckets[-1]), max_batch_size,
-                                   math.ceil(max_seq_len / pool.block_size), pool.block_size, self.device)
+                                   math.ceil(max_seq_len / pool.block_size), pool.block_size, self.device,
+                                   decode_steps)
         # Graphs and their outputs [rows, V] by (tokens, sequences): (b, b) for a decode bucket
         # of b, (t, 1) for a one-sequence step of t tokens.
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_logits: dict[tuple[int, int], torch.Tensor] = {}
+        self._greedy_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # by decode bucket: step + argmax + advance
 
     # -- any step -------------------------------------------------------------------------
 
@@ -122,14 +133,15 @@ class ModelRunner:
     # -- decode steps -----------------------------------------------------------------------
 
     def decode(self, sequences: Sequence[ScheduledSequence], num_steps: int = 1,
-               sample: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+               sample: Sampler | None = None) -> torch.Tensor:
         """Decode steps for `sequences` (decodes only, at most max_batch_size of them).
 
         num_steps == 1 without `sample`: the step's logits `[n, V]`. Otherwise `sample` maps
-        logits `[n, V]` to token ids `[n]` on the device, each step feeds the previous step's
-        tokens, and the result is the sampled tokens `[num_steps, n]`, still on the device.
-        Each sequence's block table must already cover its context after num_steps - 1 more
-        tokens."""
+        logits `[n, V]` to token ids `[n]` on the device (or is GREEDY: the argmax, taken
+        inside the step's graph), each step feeds the previous step's tokens, and the result
+        is the sampled tokens `[num_steps, n]`, still on the device (GREEDY: a view of a
+        buffer that the next greedy burst rewrites, in stream order). Each sequence's block
+        table must already cover its context after num_steps - 1 more tokens."""
         n = len(sequences)
         bucket = next(b for b in self.buckets if b >= n)
         self._inputs.fill(sequences, bucket, bucket)
@@ -139,24 +151,42 @@ class ModelRunner:
         return self._burst(n, bucket, num_steps, sample)
 
     def resume(self, sequences: Sequence[ScheduledSequence], last_tokens: torch.Tensor, num_steps: int,
-               sample: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+               sample: Sampler) -> torch.Tensor:
         """A burst that goes on from the last burst (`decode` or `resume`) over the same
         sequences, launched before the host has read that burst's tokens: it feeds
         `last_tokens [n]` (that burst's last sampled tokens, on the device) and reads only the
         block tables of `sequences` (`Scheduler.chain_burst`'s) from the host. Returns the
-        sampled tokens `[num_steps, n]` on the device."""
+        sampled tokens `[num_steps, n]` on the device. (A greedy burst has already fed its last
+        tokens and advanced; only the cache slots are recomputed from the new tables.)"""
         n = len(sequences)
         self._inputs.fill_tables(sequences)
-        self._inputs.advance(last_tokens)
+        if sample is GREEDY:
+            self._inputs.advance_in_place(advance=False)
+        else:
+            self._inputs.advance(last_tokens)
         return self._burst(n, next(b for b in self.buckets if b >= n), num_steps, sample)
 
-    def _burst(self, n: int, bucket: int, num_steps: int, sample: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _burst(self, n: int, bucket: int, num_steps: int, sample: Sampler) -> torch.Tensor:
+        if sample is GREEDY:
+            assert num_steps <= self._inputs.history.shape[0], "a greedy burst longer than decode_steps"
+            self._inputs.step.zero_()
+            for _ in range(num_steps):
+                graph = self._greedy_graphs.get(bucket)
+                if graph is None:
+                    self._greedy_tail(self._step((bucket, bucket)))
+                else:
+                    graph.replay()
+            return self._inputs.history[:num_steps, :n]
         tokens = torch.empty((num_steps, n), dtype=torch.long, device=self.device)
         for step in range(num_steps):
             tokens[step] = sample(self._step((bucket, bucket))[:n])
             if step + 1 < num_steps:
                 self._inputs.advance(tokens[step])
         return tokens
+
+    def _greedy_tail(self, logits: torch.Tensor) -> None:
+        """A greedy step's end: the argmax of each row, fed to the next step."""
+        self._inputs.advance_in_place(torch.argmax(logits, dim=-1))
 
     def _step(self, shape: tuple[int, int]) -> torch.Tensor:
         """Logits of one step over the filled buffers, padded to `shape` = (tokens, sequences):
@@ -169,7 +199,8 @@ class ModelRunner:
 
     def capture(self, progress: bool = True) -> None:
         """Capture one CUDA graph per decode bucket and per one-sequence token bucket, largest
-        first, in one shared memory pool."""
+        first, in one shared memory pool; and per decode bucket a second graph, the greedy
+        step (the model, its argmax, the next step's inputs)."""
         if not self.use_graphs or self._graphs:
             return
         pool = torch.cuda.graph_pool_handle()
@@ -184,10 +215,19 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool):
                 self._graph_logits[shape] = self.engine(**inputs)
             self._graphs[shape] = graph
+            tokens, seqs = shape
+            if tokens == seqs:  # a decode bucket
+                self._greedy_tail(self._graph_logits[shape])  # compiles the tail's kernels (n = 0: writes nothing)
+                torch.cuda.synchronize(self.device)
+                greedy = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(greedy, pool=pool):
+                    self._greedy_tail(self.engine(**inputs))
+                self._greedy_graphs[tokens] = greedy
         torch.cuda.synchronize(self.device)
 
     @property
     def num_graphs(self) -> int:
+        """Graphs of steps that return logits (the greedy steps' graphs are not counted)."""
         return len(self._graphs)
 
 
@@ -196,30 +236,36 @@ class _StepInputs:
     sequences; a step of (t tokens, s sequences) reads the first t token rows and s sequence
     rows. Filled in place from pinned host memory, so that filling never waits for the GPU."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, block_size: int, device: torch.device,
+                 max_steps: int = 8):
         self.block_size = block_size
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
         pin = device.type == "cuda"
-        # int64 [3 * max_tokens + max_seqs]: input tokens, positions, cache slots, then the
-        # sampled rows; int32 [max_seqs + (max_seqs + 1) + max_seqs * max_blocks]: context
+        # int64 [3 * max_tokens + max_seqs + 1]: input tokens, positions, cache slots, the
+        # sampled rows, then the number of sequences; int32 [max_seqs + (max_seqs + 1) + max_seqs * max_blocks]: context
         # lengths, cu_seqlens, then the block tables [max_seqs, max_blocks]
-        self._host64 = torch.zeros(3 * max_tokens + max_seqs, dtype=torch.long, pin_memory=pin)
+        self._host64 = torch.zeros(3 * max_tokens + max_seqs + 1, dtype=torch.long, pin_memory=pin)
         self._host32 = torch.zeros(max_seqs * (2 + max_blocks) + 1, dtype=torch.int32, pin_memory=pin)
         self._dev64 = torch.zeros_like(self._host64, device=device)
         self._dev32 = torch.zeros_like(self._host32, device=device)
         self._np64, self._np32 = self._host64.numpy(), self._host32.numpy()
         t, s = max_tokens, max_seqs
         self._np_ids, self._np_positions, self._np_slots = self._np64[: 3 * t].reshape(3, t)
-        self._np_rows = self._np64[3 * t:]
+        self._np_rows, self._np_n = self._np64[3 * t: 3 * t + s], self._np64[3 * t + s:]
         self._np_lens, self._np_cu = self._np32[:s], self._np32[s: 2 * s + 1]
         self._np_tables = self._np32[2 * s + 1:].reshape(s, max_blocks)
         self.token_rows = self._dev64[: 3 * t].view(3, t)  # [3, max_tokens]: ids, positions, slots
-        self.rows = self._dev64[3 * t:]  # [max_seqs] rows whose logits are computed
+        self.rows = self._dev64[3 * t: 3 * t + s]  # [max_seqs] rows whose logits are computed
+        self.num_seqs = self._dev64[3 * t + s:]  # [1] sequences in the step (not padding)
         self.seq_lens = self._dev32[:s]  # [max_seqs]
         self.cu_seqlens = self._dev32[s: 2 * s + 1]  # [max_seqs + 1]
         self.block_tables = self._dev32[2 * s + 1:].view(s, max_blocks)  # [max_seqs, max_blocks]
         self._host_tables = self._host32[2 * s + 1:].view(s, max_blocks)
         self._copied = torch.cuda.Event() if pin else None  # the last fill's copy has landed
+        # A greedy burst's tokens [max_steps, max_seqs] and its next row there [1] (GREEDY)
+        self.history = torch.zeros((max_steps, max_seqs), dtype=torch.long, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self._advance = advance_triton if device.type == "cuda" else advance_ref
 
     def fill(self, sequences: Sequence[ScheduledSequence], num_tokens: int, num_seqs: int) -> None:
         """Write `sequences` padded to (num_tokens, num_seqs): each padding sequence gets one
@@ -246,6 +292,7 @@ class _StepInputs:
         n = len(sequences)
         assert t <= num_tokens and n <= num_seqs and num_tokens - t >= num_seqs - n, "the step outgrows its bucket"
         cu[n] = t
+        self._np_n[0] = n
         self._np_rows[:n] = cu[1: n + 1] - 1  # each sequence's last token
         cu[n + 1: num_seqs + 1] = t + np.arange(1, num_seqs - n + 1)
         ids[t:num_tokens], positions[t:num_tokens], slots[t:num_tokens] = 0, 0, -1
@@ -278,6 +325,14 @@ class _StepInputs:
         self.seq_lens[:n].add_(1)
         blocks = self.block_tables[:n].gather(1, (positions // self.block_size)[:, None])[:, 0]  # [n]
         torch.add(positions % self.block_size, blocks.long(), alpha=self.block_size, out=slots)
+
+    def advance_in_place(self, tokens: torch.Tensor | None = None, advance: bool = True) -> None:
+        """`advance` for the step's own n sequences (n read on the device, so that a graph
+        captured for a bucket serves any n), also writing `tokens` to the history at the step
+        counter; with advance=False, only the cache slots are recomputed (`step_kernels.py`)."""
+        ids, positions, slots = self.token_rows[:, : self.max_seqs]
+        self._advance(ids if tokens is None else tokens, ids, positions, slots, self.seq_lens, self.block_tables,
+                      self.history, self.step, self.num_seqs, self.block_size, advance)
 
     def inputs(self, num_tokens: int, num_seqs: int) -> dict[str, torch.Tensor]:
         ids, positions, slots = self.token_rows[:, :num_tokens]

@@ -10,7 +10,7 @@ import torch
 from conftest import make_model
 
 import trtllm
-from trtllm.runtime.model_runner import prefill_buckets
+from trtllm.runtime.model_runner import GREEDY, prefill_buckets
 
 PROMPTS = [list(range(10, 10 + n)) for n in (1, 9, 23, 5, 14, 2)]
 
@@ -206,6 +206,32 @@ def test_chained_bursts_keep_the_tokens_of_single_steps():
     assert engine.scheduler.num_free_blocks == engine.pool.num_blocks
 
 
+def test_greedy_bursts_take_the_argmax_inside_the_step():
+    """A burst of greedy rows only runs the argmax and the next step's inputs on the device
+    (in the step's graph on a GPU): the same tokens as transformers, chained bursts, a stop
+    token inside a burst and a sequence that ends at max_seq_len included."""
+    model = make_model("llama")
+    llm = trtllm.compile(model, dtype="fp32", max_batch_size=4, decode_steps=3, max_seq_len=32)
+    runner = llm.runtime.runner
+    samplers = []
+    burst = runner._burst
+    runner._burst = lambda n, bucket, k, sample: samplers.append(sample) or burst(n, bucket, k, sample)
+    resumed = []
+    resume = runner.resume
+    runner.resume = lambda *args: resumed.append(args[2]) or resume(*args)
+    greedy = _hf(model, PROMPTS[1], 20)
+    stop = greedy[4]  # ends the first request in the second burst
+    params = [trtllm.SamplingParams(max_new_tokens=20, ignore_eos=True, stop_token_ids=[stop]),
+              trtllm.SamplingParams(max_new_tokens=9, ignore_eos=True),  # 23 + 9 = max_seq_len
+              trtllm.SamplingParams(max_new_tokens=17, ignore_eos=True)]
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[4]]
+    outputs = llm.generate(prompts, params)
+    assert outputs[0].token_ids == greedy[: greedy.index(stop) + 1]
+    assert outputs[1].token_ids == _hf(model, PROMPTS[2], 9) and outputs[2].token_ids == _hf(model, PROMPTS[4], 17)
+    assert samplers and all(s is GREEDY for s in samplers) and resumed, "chained greedy bursts were meant to run"
+    assert llm.runtime.scheduler.num_free_blocks == llm.runtime.pool.num_blocks
+
+
 def test_short_one_sequence_steps_run_padded_in_token_buckets():
     assert prefill_buckets(2048) == [16, 32, 64, 128, 256]
     assert prefill_buckets(100) == [16, 32, 64, 100] and prefill_buckets(8) == [8]
@@ -241,6 +267,11 @@ def test_cuda_graphs_replay_the_eager_steps():
     # one prompt at a time: its prefill replays a token bucket's graph
     for prompt, p in zip(PROMPTS[:3], params):
         assert list(graphs.stream(prompt, p)) == list(eager.stream(prompt, p))
+    # greedy rows only: each step's graph also takes the argmax and feeds the next step
+    assert len(runner._greedy_graphs) == 4
+    greedy = [trtllm.SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (20, 17, 9)]
+    assert [o.token_ids for o in graphs.generate(PROMPTS[:3], greedy)] == \
+        [o.token_ids for o in eager.generate(PROMPTS[:3], greedy)]
 
 
 @pytest.mark.gpu
