@@ -160,10 +160,12 @@ class LLMEngine:
         self._step_gate: asyncio.Lock | None = None  # one astream step at a time (made in the event loop)
         self._steps_done = 0
         self._in_flight: _Burst | None = None  # a burst launched and not yet read
-        # Two pinned buffers for bursts' tokens, [decode_steps, max_batch_size]: one burst is
-        # read from one while the next copies into the other.
+        # Two pinned buffers for bursts' tokens, [decode_steps * max_batch_size]: one burst is
+        # read from one while the next copies into the other. A burst's [num_steps, n] tokens
+        # land contiguous at the start: a copy into a strided slice of host memory would not
+        # be asynchronous (torch stages it and waits).
         pin = engine.device.type == "cuda"
-        self._readback = [torch.empty((config.decode_steps, config.max_batch_size), dtype=torch.long, pin_memory=pin)
+        self._readback = [torch.empty(config.decode_steps * config.max_batch_size, dtype=torch.long, pin_memory=pin)
                           for _ in range(2)]
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -291,7 +293,7 @@ class LLMEngine:
         """A burst just launched: its tokens `[num_steps, n]` start their copy to the host."""
         num_steps, n = tokens.shape
         self._readback = self._readback[::-1]  # the other buffer: the burst before may still be read from this one
-        host = self._readback[0][:num_steps, :n]
+        host = self._readback[0][: num_steps * n].view(num_steps, n)
         host.copy_(tokens, non_blocking=True)
         copied = None
         if self.engine.device.type == "cuda":

@@ -168,7 +168,7 @@ class ModelRunner:
 
     def _burst(self, n: int, bucket: int, num_steps: int, sample: Sampler) -> torch.Tensor:
         if sample is GREEDY:
-            assert num_steps <= self._inputs.history.shape[0], "a greedy burst longer than decode_steps"
+            assert num_steps * n <= self._inputs.history.numel(), "a greedy burst longer than decode_steps"
             self._inputs.step.zero_()
             for _ in range(num_steps):
                 graph = self._greedy_graphs.get(bucket)
@@ -176,7 +176,7 @@ class ModelRunner:
                     self._greedy_tail(self._step((bucket, bucket)))
                 else:
                     graph.replay()
-            return self._inputs.history[:num_steps, :n]
+            return self._inputs.history[: num_steps * n].view(num_steps, n)
         tokens = torch.empty((num_steps, n), dtype=torch.long, device=self.device)
         for step in range(num_steps):
             tokens[step] = sample(self._step((bucket, bucket))[:n])
@@ -262,8 +262,9 @@ class _StepInputs:
         self.block_tables = self._dev32[2 * s + 1:].view(s, max_blocks)  # [max_seqs, max_blocks]
         self._host_tables = self._host32[2 * s + 1:].view(s, max_blocks)
         self._copied = torch.cuda.Event() if pin else None  # the last fill's copy has landed
-        # A greedy burst's tokens [max_steps, max_seqs] and its next row there [1] (GREEDY)
-        self.history = torch.zeros((max_steps, max_seqs), dtype=torch.long, device=device)
+        # A greedy burst's tokens [num_steps, n], contiguous at the start of [max_steps *
+        # max_seqs], and the step that comes next [1] (GREEDY)
+        self.history = torch.zeros(max_steps * max_seqs, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self._advance = advance_triton if device.type == "cuda" else advance_ref
 

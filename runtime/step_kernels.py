@@ -1,13 +1,13 @@
 """The tail of a greedy decode step, on the device: feed the sampled tokens to the next step.
 
-    tokens [b] (argmax of the step's logits) -> history[step] = tokens, and for the first n rows:
-    input_ids = tokens, position += 1, context length += 1, cache slot = the next position's
+    tokens [b] (argmax of the step's logits) -> for the first n rows: history[step * n + row] =
+    token, input_ids = tokens, position += 1, context length += 1, cache slot = the next position's
 
 A greedy burst (`ModelRunner.decode(..., sample=GREEDY)`) captures this in each decode
 bucket's CUDA graph after the model and its argmax, so one replay is one whole step: the host
 launches nothing between steps. n and the step counter live in device memory (the graph is
-captured once for a bucket and serves any n up to it); `history [max_steps, max_seqs]` keeps
-each step's tokens, at the row the counter names. Positions past the block table (a sequence
+captured once for a bucket and serves any n up to it); `history [max_steps * max_seqs]` keeps
+the tokens, [num_steps, n] contiguous at its start (so that they copy to the host at once). Positions past the block table (a sequence
 at max_seq_len, after its last step) get slot -1: nothing is written for them.
 
 `advance_ref` is the same in torch (CPU, and the reference the Triton kernel is tested
@@ -26,11 +26,12 @@ def advance_ref(tokens: Tensor, ids: Tensor, positions: Tensor, slots: Tensor, s
                 block_tables: Tensor, history: Tensor, step: Tensor, num_rows: Tensor, block_size: int,
                 advance: bool = True) -> None:
     """In place. tokens [>= n] int64; ids, positions, slots [>= n] int64; seq_lens [>= n] int32;
-    block_tables [>= n, max_blocks] int32; history [max_steps, >= n] int64; step [1], num_rows [1]
-    int64 on the device."""
+    block_tables [>= n, max_blocks] int32; history [max_steps * max_seqs] int64; step [1],
+    num_rows [1] int64 on the device."""
     n = int(num_rows.item())
     if advance:
-        history[int(step.item()), :n] = tokens[:n]
+        start = int(step.item()) * n
+        history[start: start + n] = tokens[:n]
         step += 1
         ids[:n] = tokens[:n]
         positions[:n] += 1
@@ -46,25 +47,26 @@ def advance_triton(tokens: Tensor, ids: Tensor, positions: Tensor, slots: Tensor
                    block_tables: Tensor, history: Tensor, step: Tensor, num_rows: Tensor, block_size: int,
                    advance: bool = True) -> None:
     """`advance_ref` in one launch of one program (n <= a few hundred rows)."""
-    assert block_tables.stride(1) == 1 and history.stride(1) == 1, "rows must be contiguous"
+    assert block_tables.stride(1) == 1, "block table rows must be contiguous"
     _advance_kernel[(1,)](
         tokens, ids, positions, slots, seq_lens, block_tables, history, step, num_rows,
-        block_tables.shape[1], block_tables.stride(0), history.stride(0), block_size,
+        block_tables.shape[1], block_tables.stride(0), block_size,
         ADVANCE=advance, BLOCK=triton.next_power_of_2(block_tables.shape[0]),
     )
 
 
 @triton.jit
 def _advance_kernel(tokens_ptr, ids_ptr, positions_ptr, slots_ptr, seq_lens_ptr, tables_ptr, history_ptr,
-                    step_ptr, num_rows_ptr, max_blocks, stride_table, stride_history, block_size,
+                    step_ptr, num_rows_ptr, max_blocks, stride_table, block_size,
                     ADVANCE: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.arange(0, BLOCK)
-    mask = rows < tl.load(num_rows_ptr)
+    n = tl.load(num_rows_ptr)
+    mask = rows < n
     positions = tl.load(positions_ptr + rows, mask=mask, other=0)
     if ADVANCE:
         tokens = tl.load(tokens_ptr + rows, mask=mask, other=0)
         step = tl.load(step_ptr)
-        tl.store(history_ptr + step * stride_history + rows, tokens, mask=mask)
+        tl.store(history_ptr + step * n + rows, tokens, mask=mask)
         tl.store(step_ptr, step + 1)
         tl.store(ids_ptr + rows, tokens, mask=mask)
         positions += 1

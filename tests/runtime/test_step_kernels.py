@@ -22,7 +22,7 @@ def state(device="cpu", n=4, step=2):
         seq_lens=torch.tensor([1, 4, 6, BLOCK_SIZE * MAX_BLOCKS, 1, 1], dtype=torch.int32).to(device),
         block_tables=torch.randperm(MAX_SEQS * MAX_BLOCKS, generator=g).to(torch.int32).view(MAX_SEQS, MAX_BLOCKS)
         .to(device),
-        history=torch.zeros((MAX_STEPS, MAX_SEQS), dtype=torch.long).to(device),
+        history=torch.zeros(MAX_STEPS * MAX_SEQS, dtype=torch.long).to(device),
         step=torch.tensor([step]).to(device),
         num_rows=torch.tensor([n]).to(device),
     )
@@ -46,7 +46,8 @@ def test_advance_kernel_equals_reference(n, advance, device="cpu"):
     for name in ("ids", "positions", "slots", "seq_lens"):
         assert torch.equal(got[name][n:].cpu(), before[name][n:]), name
     if advance and n == 4:
-        assert got["history"][2, :4].tolist() == before["tokens"][:4].tolist() and got["step"].item() == 3
+        assert got["history"][8:12].tolist() == before["tokens"][:4].tolist() and got["step"].item() == 3
+        assert not got["history"][:8].any() and not got["history"][12:].any()
         assert got["positions"][:4].tolist() == [1, 4, 6, BLOCK_SIZE * MAX_BLOCKS]
         tables = before["block_tables"]
         assert got["slots"][:4].tolist() == [tables[0, 0] * 4 + 1, tables[1, 1] * 4, tables[2, 1] * 4 + 2, -1]
