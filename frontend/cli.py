@@ -14,6 +14,8 @@ import torch
 
 from trtllm.kernels.errors import TrtllmError
 
+from .config import ALL_DTYPES, QUANTIZED_DTYPES, BuildConfig
+
 
 def _load_model(name: str, dtype: torch.dtype | None):
     from .tiny import tiny_llama
@@ -68,17 +70,37 @@ def _eager_generate(model, prompts, max_new_tokens, dtype, device) -> tuple[list
     return tokens, time.perf_counter() - start
 
 
+def _agreement(model, llm, prompts, outputs) -> str:
+    """How trtllm's greedy tokens and logits compare with the eager model's (already on the
+    engine's device, in its compute dtype): the mean length of the greedy runs' common start,
+    and every position's logits along trtllm's tokens (`bench.logits_error`)."""
+    from .bench import logits_error
+
+    ours, theirs = [], []
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outputs):
+            ids = torch.tensor([prompt + out.token_ids], device=llm.engine.device)  # [1, S]
+            ours.append(llm(ids)[0])  # [S, V]
+            theirs.append(model(ids).logits[0])
+    error = logits_error(torch.cat(ours), torch.cat(theirs))
+    return (f"logits along trtllm's tokens ({error['positions']} positions): top-1 agreement "
+            f"{error['top1_agreement']:.4f}, max error {error['max_err']:.3g} of max |eager logit|")
+
+
+def _common_start(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def cmd_run(args) -> int:
     import trtllm
 
-    from .config import DTYPES
-
     dtype = args.dtype or _default_dtype(args.device)
+    compute = BuildConfig(dtype=dtype, device=args.device).torch_dtype()
     if args.engine:
         llm, model = trtllm.load(args.engine, device=args.device), None
         print(f"loaded engine {args.engine}")
     else:
-        model = _load_model(args.model, None)
+        model = _load_model(args.model, compute)
         llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=max(args.batch_size, 1))
         print(f"compiled {type(model).__name__} ({args.model}) to {dtype} on {llm.engine.device} "
               f"in {llm.compile_seconds:.2f} s")
@@ -91,10 +113,15 @@ def cmd_run(args) -> int:
     for prompt, out in list(zip(prompts, outputs))[:2]:
         print(f"  prompt {prompt[:8]}{'...' if len(prompt) > 8 else ''} -> {out.token_ids[:16]}...")
     if model is not None and not args.no_eager:
-        eager, eager_seconds = _eager_generate(model, prompts, args.max_new_tokens, DTYPES[dtype], llm.engine.device)
-        print(f"eager transformers: {new_tokens / eager_seconds:.1f} tok/s "
+        # A quantized engine is compared with the unquantized model in its compute dtype: its
+        # greedy tokens part from those at the first near-tie, which the logits put in scale.
+        eager, eager_seconds = _eager_generate(model, prompts, args.max_new_tokens, compute, llm.engine.device)
+        common = sum(_common_start(e, o.token_ids) for e, o in zip(eager, outputs)) / len(prompts)
+        kind = f"{llm.config.compute_dtype()}, not quantized" if dtype in QUANTIZED_DTYPES else dtype
+        print(f"eager transformers ({kind}): {new_tokens / eager_seconds:.1f} tok/s "
               f"(trtllm {eager_seconds / seconds:.2f}x); same tokens: "
-              f"{sum(e == o.token_ids for e, o in zip(eager, outputs))}/{len(prompts)} prompts")
+              f"{sum(e == o.token_ids for e, o in zip(eager, outputs))}/{len(prompts)} prompts, the first "
+              f"{common:.1f} of {args.max_new_tokens} on average; {_agreement(model, llm, prompts, outputs)}")
     return 0
 
 
@@ -102,7 +129,7 @@ def cmd_build(args) -> int:
     import trtllm
 
     dtype = args.dtype or _default_dtype(args.device)
-    model = _load_model(args.model, None)
+    model = _load_model(args.model, BuildConfig(dtype=dtype, device=args.device).torch_dtype())
     llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=args.max_batch_size,
                          max_seq_len=args.max_seq_len)
     llm.save(args.output)
@@ -124,6 +151,27 @@ def _throughput_spec(text: str) -> tuple[tuple[int, int, int], ...]:
                                          "e.g. 128/128x256,2048/128x64") from None
 
 
+def _dtype_list(text: str) -> tuple[str, ...]:
+    """'bf16,fp8,int4' -> ('bf16', 'fp8', 'int4')."""
+    dtypes = tuple(text.split(","))
+    unknown = [d for d in dtypes if d not in ALL_DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown dtype(s) {unknown}; give any of {', '.join(ALL_DTYPES)}, "
+                                         "comma-separated")
+    if len(set(dtypes)) != len(dtypes):
+        raise argparse.ArgumentTypeError(f"{text!r} names a dtype twice")
+    return dtypes
+
+
+def _prompt_set(text: str) -> tuple[int, int]:
+    """'8x64' -> (8, 64)."""
+    try:
+        count, length = (int(x) for x in text.split("x"))
+        return count, length
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give PROMPTSxTOKENS, e.g. 8x64") from None
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
@@ -141,10 +189,10 @@ def cmd_bench(args) -> int:
     results = []
     for name in args.model.split(","):
         config = bench.BenchConfig(
-            model=name, dtype=args.dtype or _default_dtype(args.device), device=args.device,
+            model=name, dtypes=args.dtype or (_default_dtype(args.device),), device=args.device,
             new_tokens=args.new_tokens, ttft_lengths=args.ttft, throughput=args.throughput,
             baselines=tuple(b for b in args.baselines.split(",") if b), repeats=args.repeats,
-            max_num_tokens=args.max_num_tokens)
+            max_num_tokens=args.max_num_tokens, accuracy_prompts=args.accuracy_prompts)
         results.append(bench.run_bench(config))
         print(bench.summary(results[-1]), flush=True)
         bench.write(results, args.out, None)  # each model's results are kept as soon as they exist
@@ -182,12 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="any of hf-eager, hf-compile (comma-separated; empty for none)")
     bench.add_argument("--repeats", type=int, default=3, help="runs of each timing (the median is kept)")
     bench.add_argument("--max-num-tokens", type=int, default=8192, help="tokens per forward pass")
+    bench.add_argument("--accuracy-prompts", type=_prompt_set, default=(8, 64),
+                       help="PROMPTSxTOKENS of generated ids whose logits check each quantized dtype (default 8x64)")
     bench.add_argument("--out", help="write the results as JSON here")
     bench.add_argument("--plot", help="write a PNG plot here")
     bench.add_argument("--replot", help="only redraw the plot of a JSON file written by --out")
     bench.set_defaults(func=cmd_bench)
+    dtypes = ("fp32, fp16, bf16, or weights quantized to fp8, int8 or int4 (computing in bf16 on a GPU, fp32 on "
+              "CPU); default: bf16 on a GPU, fp32 on CPU")
+    for sub in (run, build):
+        sub.add_argument("--dtype", choices=ALL_DTYPES, help=dtypes)
+    bench.add_argument("--dtype", type=_dtype_list, help=f"{dtypes}; several, comma-separated, are measured one "
+                       "after another (the model and transformers' baselines in the first one's compute dtype)")
     for sub in (run, build, bench):
-        sub.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: bf16 on a GPU, fp32 on CPU")
         sub.add_argument("--device", help="default: cuda if available, else cpu")
     return parser
 

@@ -16,6 +16,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # own rounding, and its CPU matmuls are slow).
 QUANTIZED_DTYPES = ("fp8", "int8", "int4")
 QUANTIZED_COMPUTE = {"cuda": "bf16", "cpu": "fp32"}  # by device type; other devices: fp32
+ALL_DTYPES = (*DTYPES, *QUANTIZED_DTYPES)
+FP8_MIN_CAPABILITY = (8, 9)  # E4M3 tensor cores: Ada and Hopper on
 BACKENDS = ("native", "tensorrt")
 
 
@@ -55,7 +57,7 @@ class BuildConfig:
 
     def validate(self) -> None:
         if self.dtype not in DTYPES and self.dtype not in QUANTIZED_DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES) + list(QUANTIZED_DTYPES)}")
+            raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {list(ALL_DTYPES)}")
         if self.kv_cache_dtype not in (None, self.compute_dtype()):
             raise ConfigError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; leave it None (the cache is kept "
@@ -77,3 +79,11 @@ class BuildConfig:
         device = self.torch_device()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={self.device!r} asked for, but torch sees no CUDA GPU")
+        if self.dtype == "fp8" and device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            if capability < FP8_MIN_CAPABILITY:
+                raise ConfigError(
+                    f"dtype='fp8' needs FP8 tensor cores (compute capability {FP8_MIN_CAPABILITY[0]}."
+                    f"{FP8_MIN_CAPABILITY[1]} or later); {torch.cuda.get_device_name(device)} has "
+                    f"{capability[0]}.{capability[1]}: use dtype='int8' or 'int4' (weight-only) instead"
+                )
