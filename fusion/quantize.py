@@ -6,9 +6,13 @@ fp8 (E4M3: a scale per output channel for the weight, per token for the activati
     Before:                              After:
         y = linear(x, W, b)                  wq = trtllm.quantize_weight(W, "fp8", K)    # weights only
       or                                     w_fp8, w_scale = wq[0], wq[1]
-        y = trtllm.gemm_act(x, W, b, act)    xq = trtllm.quantize_fp8(x)                 # one per x
-                                             x_fp8, x_scale = xq[0], xq[1]
-                                             y = trtllm.fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, b, act, x.dtype)
+        y = trtllm.gemm_act(x, W, b, act)    y = trtllm.fp8_gemm(x, None, w_fp8, w_scale, b, act, x.dtype)
+
+x_scale None: fp8_gemm quantizes x per token itself (kernels/quant.py), so a linear stays one
+node and decode runs no quantization kernel: the GEMV that serves a few tokens quantizes x in
+its prologue, and at more tokens the implementation quantizes x (quantize_fp8_triton) before
+its GEMM. Two fp8 linears of one x (left unmerged) each quantize it: a second pass over x at
+prefill, against a kernel and its launch gap at every decode step.
 
 int8 (a scale per output channel) / int4 (a scale per group of 128 along K):
 
@@ -107,7 +111,6 @@ def quantize_linears(gm: GraphModule, fmt: str) -> int:
     lm_head = find_lm_head(gm)
     weight_only = _weight_only(gm)
     weights: dict[tuple[Node, bool], tuple[Node, Node]] = {}  # (W, transposed) -> (w_q, scales)
-    activations: dict[Node, tuple[Node, Node]] = {}  # x -> (x_fp8, x_scale): one per input
     rewrites = 0
     for node in list(gm.graph.nodes):
         parts = _linear_parts(node)
@@ -129,12 +132,8 @@ def quantize_linears(gm: GraphModule, fmt: str) -> int:
                 w = call(gm, aten.t.default, weight) if transposed else weight  # [N, K]
                 weights[weight, transposed] = _pair(gm, trtllm.quantize_weight.default, w, fmt, group_size)
             w_q, scales = weights[weight, transposed]
-            if fmt == "fp8":
-                if x not in activations:
-                    activations[x] = _pair(gm, trtllm.quantize_fp8.default, x)
-                x_fp8, x_scale = activations[x]
-                out_dtype = x.meta["val"].dtype
-                new = call(gm, trtllm.fp8_gemm.default, x_fp8, x_scale, w_q, scales, bias, act, out_dtype)
+            if fmt == "fp8":  # x quantized inside (x_scale None)
+                new = call(gm, trtllm.fp8_gemm.default, x, None, w_q, scales, bias, act, x.meta["val"].dtype)
             else:
                 new = call(gm, trtllm.wo_gemm.default, x, w_q, scales, BITS[fmt], group_size, bias, act)
         node.replace_all_uses_with(new)

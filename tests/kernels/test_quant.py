@@ -1,7 +1,8 @@
 """trtllm::quantize_fp8 and trtllm::fp8_gemm (references) against plain float math, with
 tolerances from the format: E4M3 keeps 3 mantissa bits, so a value x / scale in the normal
 range (>= 2^-6) is within 2^-4 of itself after rounding, and within 2^-10 (half the smallest
-step) below; Fp8GemmPlan's routing."""
+step) below; fp8_gemm on a float x (x_scale None) is quantize_fp8 then fp8_gemm exactly;
+Fp8GemmPlan's routing."""
 
 import math
 
@@ -115,15 +116,32 @@ def test_fp8_gemm_error_against_unquantized_within_format_bound():
     assert err.max() > 0  # the quantization is visible at all
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+def test_fp8_gemm_of_a_float_x_quantizes_it_first(dtype, act):
+    """x_scale None: the reference quantizes x by quantize_fp8's rule, then the same GEMM, bit
+    for bit; the op's fake kernel and shape checks take that form too."""
+    x, w, b = fp8_inputs(m_shape=(2, 3))
+    x = x.to(dtype)
+    w_fp8, w_scale = Q.quantize_weight_fp8(w)
+    out = Q.fp8_gemm(x, None, w_fp8, w_scale, b, act, torch.bfloat16)
+    assert out.shape == (2, 3, 40) and out.dtype == torch.bfloat16
+    assert torch.equal(out, Q.fp8_gemm(*Q.quantize_fp8(x), w_fp8, w_scale, b, act, torch.bfloat16))
+    with FakeTensorMode():
+        fake = Q.fp8_gemm(torch.empty(4, 64, dtype=dtype), None, torch.empty(8, 64, dtype=torch.float8_e4m3fn),
+                          torch.empty(8), None, "none", torch.float16)
+    assert fake.shape == (4, 8) and fake.dtype == torch.float16
+
+
 def good_fp8_args():
     x, w, b = fp8_inputs(m_shape=(3,), k=32, n=16)
     return [*Q.quantize_fp8(x), *Q.quantize_weight_fp8(w), b, "none", torch.bfloat16]
 
 
 @pytest.mark.parametrize("index, value, match", [
-    (0, torch.zeros(3, 32), "x_fp8 must be torch.float8_e4m3fn"),
+    (0, torch.zeros(3, 32), "x must be torch.float8_e4m3fn where x_scale is given"),
     (2, torch.zeros(16, 32, dtype=torch.bfloat16), "w_fp8 must be torch.float8_e4m3fn"),
-    (2, torch.zeros(16, 24, dtype=torch.float8_e4m3fn), r"x_fp8 must be \[..., K\] and w_fp8 \[N, K\]"),
+    (2, torch.zeros(16, 24, dtype=torch.float8_e4m3fn), r"x must be \[..., K\] and w_fp8 \[N, K\]"),
     (1, torch.ones(3), r"x_scale must be float32 \[3, 1\]"),
     (1, torch.ones(3, 1, dtype=torch.bfloat16), "x_scale must be float32"),
     (3, torch.ones(16, 1), r"w_scale must be float32 \[16\]"),
@@ -142,10 +160,22 @@ def test_fp8_gemm_rejects_bad_args(index, value, match):
 OPCHECK_UTILS = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
 
 
+def test_fp8_gemm_rejects_a_float_x_it_cannot_quantize():
+    args = good_fp8_args()
+    with pytest.raises(ValueError, match=r"fp8_gemm: with x_scale None x is quantized inside and must be one of"):
+        Q.fp8_gemm(args[0], None, *args[2:])  # already fp8: its scale is needed
+    with pytest.raises(ValueError, match="with x_scale None x is quantized inside.*got torch.float64"):
+        Q.fp8_gemm(torch.zeros(3, 32, dtype=torch.float64), None, *args[2:])
+    with pytest.raises(ValueError, match=r"x must be \[..., K\] and w_fp8 \[N, K\], got \(3, 24\)"):
+        Q.fp8_gemm(torch.zeros(3, 24), None, *args[2:])
+
+
 def test_opcheck():
     args = good_fp8_args()
     torch.library.opcheck(torch.ops.trtllm.fp8_gemm.default, tuple(args), test_utils=OPCHECK_UTILS)
     args[4], args[5], args[6] = None, "silu", torch.float32
+    torch.library.opcheck(torch.ops.trtllm.fp8_gemm.default, tuple(args), test_utils=OPCHECK_UTILS)
+    args[0], args[1] = torch.randn(3, 32, dtype=torch.bfloat16), None  # quantized inside
     torch.library.opcheck(torch.ops.trtllm.fp8_gemm.default, tuple(args), test_utils=OPCHECK_UTILS)
     torch.library.opcheck(torch.ops.trtllm.quantize_fp8.default, (torch.randn(2, 3, 16),), test_utils=OPCHECK_UTILS)
 
@@ -186,6 +216,33 @@ def test_plan_routes_by_token_count(monkeypatch):
         x = fp8_inputs(m_shape=(m,), k=32, n=16)[0]
         plan(*Q.quantize_fp8(x), *args[2:])
     assert called == ["triton", "scaled_mm"]
+
+
+def test_plan_takes_the_gemv_up_to_its_token_limit(monkeypatch):
+    """"triton_gemv" wins only where it was timed and never above FP8_GEMV_MAX_TOKENS (4): at 5
+    to 8 tokens, nearest to 1 here, the fastest of the others; where it was the only one
+    measured it serves any count. A float x goes through with x_scale None."""
+    times = ((1, (("scaled_mm", 3.0), ("triton", 2.0), ("triton_gemv", 1.0))),
+             (64, (("scaled_mm", 1.0), ("triton", 2.0))))
+    plan = Q.Fp8GemmPlan(16, 32, torch.bfloat16, "none", False, torch.device("cuda", 0), times)
+    assert Q.FP8_GEMV_MAX_TOKENS == 4
+    assert {m: plan.winner(m) for m in (1, 4, 5, 8, 9)} == {
+        1: "triton_gemv", 4: "triton_gemv", 5: "triton", 8: "triton", 9: "scaled_mm"}
+    only = Q.Fp8GemmPlan(16, 32, torch.bfloat16, "none", False, torch.device("cuda", 0),
+                         ((1, (("triton_gemv", math.nan),)),))
+    assert only.winner(1) == only.winner(100) == "triton_gemv"
+    called = []
+    for name in Q.FP8_IMPLEMENTATIONS:
+        monkeypatch.setitem(Q.FP8_IMPLEMENTATIONS, name, lambda *args, name=name: called.append((name, args[1])))
+    args = good_fp8_args()
+    for m in (2, 6):
+        plan(torch.randn(m, 32, dtype=torch.bfloat16), None, *args[2:4], None, "none", torch.bfloat16)
+    assert called == [("triton_gemv", None), ("triton", None)]
+
+
+def test_planning_the_gemv_alone_above_its_token_limit_raises():
+    with pytest.raises(ValueError, match=r"plan_fp8_gemm: none of \['triton_gemv'\] serves n=16, k=32 at 16 tokens"):
+        Q.plan_fp8_gemm(16, 32, torch.bfloat16, "none", False, "cuda", implementations=("triton_gemv",))
 
 
 def test_plan_rejects_another_shape():

@@ -1,7 +1,10 @@
-"""quantize_fp8_triton, fp8_gemm_triton and fp8_gemm_scaled_mm against their references.
+"""quantize_fp8_triton, fp8_gemm_triton, fp8_gemm_scaled_mm and fp8_gemm_gemv against their
+references.
 
-quantize_fp8_triton does the reference's float32 operations and rounds on E4M3's grid itself,
-so on CPU (Triton's interpreter, tests/conftest.py) it matches bit for bit, ties included. The
+quantize_fp8_triton and fp8_gemm_gemv's prologue (x_scale None) do the reference's float32
+operations and round on E4M3's grid themselves, so on CPU (Triton's interpreter,
+tests/conftest.py) they match it bit for bit, ties included; on a GPU they match each other bit
+for bit, and the reference but for rare elements one E4M3 step off (quant._quantize_e4m3). The
 FP8 GEMMs differ from fp8_gemm_ref by summation order (float32: 1e-4) and one rounding of the
 output (16-bit: 1e-2). The interpreter's bfloat16 tl.dot is wrong, but e4m3 operands go through
 tl.dot as float16, so every path is checked on CPU. The GPU tests use Llama-3-8B decode shapes.
@@ -40,7 +43,7 @@ def test_rounds_like_torch_on_the_whole_grid():
 @pytest.mark.parametrize("shape", [(1, 64), (3, 100), (2, 2, 2100)])  # K past one 2048 block
 def test_quantize_matches_ref(dtype, shape):
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(*shape, generator=g) * 10 ** torch.randint(-3, 4, (*shape[:-1], 1), generator=g)).to(dtype)
+    x = (torch.randn(*shape, generator=g) * 10.0 ** torch.randint(-3, 4, (*shape[:-1], 1), generator=g)).to(dtype)
     x.view(-1, shape[-1])[0] = 0  # an all-zero row
     q, scale = Q.quantize_fp8_triton(x)
     q_ref, scale_ref = Q.quantize_fp8_ref(x)
@@ -117,6 +120,125 @@ def test_op_dispatch_on_cpu_is_the_reference():
     assert torch.equal(out, Q.fp8_gemm_ref(*args, "none", torch.float32))
 
 
+# ---------------------------------------------------------------- fp8_gemm_gemv: the prologue quantization
+
+GEMV_CONFIGS = [c for cs in Q._FP8_GEMV_CONFIGS.values() for c in cs]
+
+
+def picker(cols: list[int], k: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """w_fp8 [len(cols), K] with one 1 per row, at column cols[n], and unit scales: output n of a
+    GEMM by it is x'[cols[n]] * x_scale exactly (one product, the rest zeros), so a float32
+    output shows the quantized x bit for bit."""
+    w = torch.zeros(len(cols), k, device=device)
+    w[torch.arange(len(cols)), torch.tensor(cols)] = 1.0
+    return w.to(torch.float8_e4m3fn), torch.ones(len(cols), device=device)
+
+
+def rows_of_every_size(m: int, k: int, dtype, seed=0) -> torch.Tensor:
+    """x [m, K] with rows scaled from 1e-3 to 1e3; with more than one row, row m // 2 all zeros."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 10.0 ** torch.randint(-3, 4, (m, 1), generator=g)
+    if m > 1:
+        x[m // 2] = 0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m, k", [(1, 64), (3, 100), (6, 2100)])  # K in one masked step or past a whole one; 2 M tiles
+def test_gemv_prologue_quantizes_like_the_reference(dtype, m, k):
+    """x_scale None: the values the GEMV multiplies (seen through a one-per-row weight) are
+    quantize_fp8_ref's times its scale, bit for bit, all-zero row included."""
+    x = rows_of_every_size(m, k, dtype)
+    cols = sorted({0, 1, k // 3, k // 2, k - 2, k - 1, *range(7, k, max(1, k // 40))})
+    w_fp8, w_scale = picker(cols, k)
+    out = Q.fp8_gemm_gemv(x, None, w_fp8, w_scale, None, "none", torch.float32)  # [M, len(cols)]
+    q, scale = Q.quantize_fp8_ref(x)
+    assert torch.equal(out, q.float()[:, cols] * scale)
+    assert torch.equal(out, Q.fp8_gemm_ref(x, None, w_fp8, w_scale, None, "none", torch.float32))
+
+
+def test_gemv_prologue_rounds_like_torch_on_the_whole_grid():
+    """Every E4M3 value, the ties between neighbours and points just off them, in rows that all
+    hold 448 (scale 1)."""
+    values = e4m3_values()
+    k = 160
+    x = torch.cat([values, values.new_full(((-len(values)) % (k - 1),), 448.0)]).view(-1, k - 1)  # [M, K - 1]
+    x = torch.cat([x.new_full((x.shape[0], 1), 448.0), x], dim=1)  # [M, K]: amax 448 in every row
+    w_fp8, w_scale = picker(list(range(k)), k)
+    out = Q.fp8_gemm_gemv(x, None, w_fp8, w_scale, None, "none", torch.float32)
+    assert torch.equal(out, Q.quantize_fp8_ref(x)[0].float())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m_shape", [(1,), (2,), (2, 2), (5,)])  # buckets 1, 2, 4, and two tiles of 4
+def test_gemv_matches_ref(out_dtype, m_shape):
+    """A float x (quantized in the prologue) and a quantized one, bias and act in the epilogue."""
+    x_fp8, x_scale, w_fp8, w_scale, b = fp8_inputs(m_shape, k=80)
+    x = torch.randn(*m_shape, 80, generator=torch.Generator().manual_seed(3)).to(out_dtype)
+    out = Q.fp8_gemm_gemv(x, None, w_fp8, w_scale, b, "silu", out_dtype)
+    assert_close_to_ref(out, (x, None, w_fp8, w_scale, b), "silu", out_dtype)
+    args = (x_fp8, x_scale, w_fp8, w_scale, b)
+    assert_close_to_ref(Q.fp8_gemm_gemv(*args, "silu", out_dtype), args, "silu", out_dtype)
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["early_w", "w_after_wait"])
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=str)
+def test_gemv_configs_with_a_k_remainder(config, early):
+    """Every tile: K past two whole steps and a partial one, N not a multiple of BLOCK_N
+    (rows wrap around, not stored), BLOCK_M + 1 rows (a second, wrapped M tile)."""
+    block_k = config.kwargs["SUBS"] * Q._VEC
+    k = 2 * block_k + 40
+    m = config.kwargs["BLOCK_M"] + 1
+    x = rows_of_every_size(m, k, torch.bfloat16)
+    _, _, w_fp8, w_scale, b = fp8_inputs((1,), k=k, n=2 * config.kwargs["BLOCK_N"] + 3)
+    out = Q.fp8_gemm_gemv(x, None, w_fp8, w_scale, b, "gelu", torch.float32, config=config,
+                          early_weight_tile=early)
+    assert_close_to_ref(out, (x, None, w_fp8, w_scale, b), "gelu", torch.float32)
+
+
+def test_gemv_strided_empty_and_k_below_one_vector():
+    x = torch.randn(48, 3).t()  # [3, 48], stride 1 along M
+    _, _, w_fp8, w_scale, _ = fp8_inputs((1,), k=48, n=16)
+    out = Q.fp8_gemm_gemv(x, None, w_fp8, w_scale, None, "none", torch.float32)
+    assert_close_to_ref(out, (x, None, w_fp8, w_scale, None), "none", torch.float32)
+    empty = Q.fp8_gemm_gemv(torch.empty(0, 48), None, w_fp8, w_scale, None, "none", torch.bfloat16)
+    assert empty.shape == (0, 16) and empty.dtype == torch.bfloat16
+    x, w_fp8, w_scale = torch.randn(2, 5), *Q.quantize_weight_fp8(torch.randn(4, 5))  # K = 5 < one vector of 8
+    assert_close_to_ref(Q.fp8_gemm_gemv(x, None, w_fp8, w_scale, None, "none", torch.float32),
+                        (x, None, w_fp8, w_scale, None), "none", torch.float32)
+
+
+@pytest.mark.parametrize("impl", [Q.fp8_gemm_scaled_mm, Q.fp8_gemm_triton], ids=lambda f: f.__name__)
+def test_other_implementations_quantize_a_float_x_first(impl):
+    """x_scale None: quantize_fp8_triton, then the GEMM on what it made."""
+    _, _, w_fp8, w_scale, b = fp8_inputs((1,), k=64, n=48)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    out = impl(x, None, w_fp8, w_scale, b, "relu", torch.bfloat16)
+    assert torch.equal(out, impl(*Q.quantize_fp8_triton(x), w_fp8, w_scale, b, "relu", torch.bfloat16))
+    assert_close_to_ref(out, (x, None, w_fp8, w_scale, b), "relu", torch.bfloat16)
+
+
+def test_unplanned_op_takes_the_gemv_at_decode(monkeypatch):
+    """The op's CUDA kernel without a plan: a float x of up to FP8_GEMV_MAX_TOKENS tokens goes to
+    the GEMV with its bucket's first config (nothing to autotune under a graph capture); more
+    tokens, or an x already quantized, to _scaled_mm (or the Triton kernel where K, N do not fit it)."""
+    called = []
+    monkeypatch.setattr(Q, "fp8_gemm_gemv", lambda *args, config: called.append(("gemv", config)))
+    monkeypatch.setattr(Q, "fp8_gemm_scaled_mm", lambda *args: called.append(("scaled_mm", args[1] is None)))
+    monkeypatch.setattr(Q, "fp8_gemm_triton", lambda *args: called.append(("triton", args[1] is None)))
+    _, _, w_fp8, w_scale, _ = fp8_inputs((1,), k=64, n=48)
+    for m, quantized in ((1, False), (4, False), (5, False), (1, True)):
+        x = torch.randn(m, 64)
+        x_scale = None
+        if quantized:
+            x, x_scale = Q.quantize_fp8_ref(x)
+        Q._fp8_gemm_cuda(x, x_scale, w_fp8, w_scale, None, "none", torch.bfloat16)
+    w36, s36 = Q.quantize_weight_fp8(torch.randn(36, 64))  # N = 36: no _scaled_mm
+    Q._fp8_gemm_cuda(torch.randn(8, 64), None, w36, s36, None, "none", torch.bfloat16)
+    assert called == [("gemv", Q._FP8_GEMV_CONFIGS[1][0]), ("gemv", Q._FP8_GEMV_CONFIGS[4][0]),
+                      ("scaled_mm", True), ("scaled_mm", False), ("triton", True)]
+
+
 # ---------------------------------------------------------------- GPU: Llama-3-8B decode shapes
 
 LLAMA3_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o, gate_up, down
@@ -171,3 +293,56 @@ def test_plan_and_op_on_gpu():
         expected = Q.fp8_gemm_ref(*args, "none", torch.bfloat16)
         assert relative_error(plan(*args, "none", torch.bfloat16), expected) < 1e-2
         assert relative_error(Q.fp8_gemm(*args, "none", torch.bfloat16), expected) < 1e-2  # the op: scaled_mm
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [4096, 14336])
+def test_gemv_prologue_quantizes_like_quantize_fp8_triton_on_gpu(k):
+    """The values the GEMV multiplies (through a one-per-row weight over all of K) are
+    quantize_fp8_triton's bit for bit (the same float32 operations, one shared helper), and
+    quantize_fp8_ref's but for the rare element that div.full's 2 ulp move across a rounding
+    boundary (quant._quantize_e4m3)."""
+    x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16) * 3
+    w_fp8, w_scale = picker(list(range(k)), k, device="cuda")
+    out = Q.fp8_gemm_gemv(x, None, w_fp8, w_scale, None, "none", torch.float32)  # [4, K] = q * scale
+    q, scale = Q.quantize_fp8_triton(x)
+    assert torch.equal(out, q.float() * scale)
+    q_ref, scale_ref = Q.quantize_fp8_ref(x)
+    assert torch.equal(scale, scale_ref)  # IEEE division for the scale
+    deq_ref = q_ref.float() * scale_ref
+    assert ((out - deq_ref).abs() <= 2**-3 * deq_ref.abs() + 2**-9 * scale_ref).all()
+    assert (out != deq_ref).float().mean() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", LLAMA3_8B_SHAPES)
+def test_gemv_prologue_llama_shapes_on_gpu(n, k):
+    """At 1, 2 and 4 tokens: against the reference, and against the two-kernel path
+    (quantize_fp8_triton, then the Triton GEMV on what it made)."""
+    _, _, w_fp8, w_scale, _ = fp8_inputs((1,), k=k, n=n, bias=False, device="cuda")
+    x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16)
+    expected = Q.fp8_gemm_ref(x, None, w_fp8, w_scale, None, "none", torch.bfloat16)
+    for m in (1, 2, 4):
+        out = Q.fp8_gemm_gemv(x[:m], None, w_fp8, w_scale, None, "none", torch.bfloat16)
+        assert out.shape == (m, n) and out.dtype == torch.bfloat16 and out.is_contiguous()
+        assert relative_error(out, expected[:m]) < 1e-2, m
+        two_kernels = Q.fp8_gemm_triton(*Q.quantize_fp8_triton(x[:m]), w_fp8, w_scale, None, "none", torch.bfloat16)
+        assert relative_error(out, two_kernels) < 1e-2, m
+
+
+@pytest.mark.gpu
+def test_plan_times_the_gemv_with_quantization_on_gpu():
+    """The plan times every candidate on a float x (quantization included), the GEMV only at
+    1 token; a float x through the plan and through the unplanned op, at 1 and 300 tokens."""
+    plan = Q.plan_fp8_gemm(4096, 4096, torch.bfloat16, "none", True, "cuda", token_counts=(1, 256))
+    print(plan.describe())
+    assert [name for name, _ in plan.times_ms[0][1]] == ["scaled_mm", "triton", "triton_gemv"]
+    assert [name for name, _ in plan.times_ms[1][1]] == ["scaled_mm", "triton"]
+    assert all(ms > 0 for _, times in plan.times_ms for _, ms in times)
+    _, _, w_fp8, w_scale, b = fp8_inputs((1,), k=4096, n=4096, device="cuda")
+    b = b.bfloat16()
+    for m in (1, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        expected = Q.fp8_gemm_ref(x, None, w_fp8, w_scale, b, "none", torch.bfloat16)
+        assert relative_error(plan(x, None, w_fp8, w_scale, b, "none", torch.bfloat16), expected) < 1e-2
+        assert relative_error(Q.fp8_gemm(x, None, w_fp8, w_scale, b, "none", torch.bfloat16), expected) < 1e-2
