@@ -170,7 +170,7 @@ def test_quantized_on_gpu_in_bf16(fmt):
     llm = trtllm.compile(module, dtype=fmt, device="cuda", max_batch_size=4)
     assert llm.engine.dtype == torch.bfloat16
     report = llm.report()
-    assert all(line in report for line in GPU_IMPLEMENTATIONS[fmt]) and "quantize_fp8" not in report, report
+    assert all(line in report for line in GPU_IMPLEMENTATIONS[fmt]) and "trtllm::quantize_fp8" not in report, report
     ids = IDS.cuda()
     with torch.no_grad():
         expected = module(ids).logits
