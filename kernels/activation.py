@@ -120,6 +120,14 @@ def _act_mul_kernel(
     mask = cols < width
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gated_act(gate, up, ACTIVATION, x_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * width + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gated_act(gate, up, ACTIVATION: tl.constexpr, DTYPE: tl.constexpr):
+    """act(gate).to(DTYPE) * up in float32 (gate, up: float32 blocks), the formulas of
+    `_act_mul_kernel`; also the prologue of the decode GEMV (gemv.py)."""
     if ACTIVATION == "silu":
         act = gate / (1.0 + tl.exp(-gate))
     elif ACTIVATION == "gelu_tanh":
@@ -127,8 +135,7 @@ def _act_mul_kernel(
         act = gate / (1.0 + tl.exp(-2.0 * y))
     else:
         act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))  # 1/sqrt(2)
-    out = act.to(x_ptr.dtype.element_ty).to(tl.float32) * up
-    tl.store(out_ptr + row * width + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    return act.to(DTYPE).to(tl.float32) * up
 
 
 def _launch_act_mul(x: Tensor, activation: str) -> Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import ConfigError
+
 
 def dump_dir() -> Path | None:
     """`TRTLLM_DUMP_DIR`: write the graph after every fusion pass into this folder."""
@@ -15,3 +17,23 @@ def dump_dir() -> Path | None:
 def pdl() -> bool:
     """`TRTLLM_PDL=0` turns programmatic dependent launch off (kernels/pdl.py); on by default."""
     return os.environ.get("TRTLLM_PDL", "1") != "0"
+
+
+def decode_attention_fusion() -> bool:
+    """`TRTLLM_DECODE_ATTENTION_FUSION=0`: decode attention as before, for comparison: the split
+    combine in its own kernel, and `rope_cached_attention` as rope, KV-write, decode and combine
+    kernels (kernels/attention_triton.py); on by default."""
+    return os.environ.get("TRTLLM_DECODE_ATTENTION_FUSION", "1") != "0"
+
+
+DECODE_FUSION_MODES = {"0": "off", "1": "norms", "all": "all"}
+
+
+def decode_fusion() -> str:
+    """`TRTLLM_DECODE_FUSION`: which ops go into the decode GEMV after them
+    (fusion/decode_gemv.py): "0" (the default) none, "1" the RMSNorms, "all" the gated
+    activations too. Returns "off", "norms" or "all"."""
+    value = os.environ.get("TRTLLM_DECODE_FUSION", "0")
+    if value not in DECODE_FUSION_MODES:
+        raise ConfigError(f"TRTLLM_DECODE_FUSION={value!r}: use one of {sorted(DECODE_FUSION_MODES)}")
+    return DECODE_FUSION_MODES[value]

@@ -1,4 +1,6 @@
-"""The decode GEMV behind `trtllm::gemm_act` at a few tokens: `gemm_act_gemv`.
+"""The decode GEMV behind `trtllm::gemm_act` at a few tokens, `gemm_act_gemv`, and the same GEMV
+with a prologue, `gemv_prologue`, behind the fused norm / activation + linear ops
+(`fused_linear.py`).
 
     x [M, K] (M <= GEMV_MAX_TOKENS) @ weight [N, K]^T + bias, activation -> out [M, N]
 
@@ -7,6 +9,13 @@ copy bandwidth (about 98% of it for Llama-3-8B's decode weights on an H100, agai
 89%); `gemm.GemmActPlan` times it against cuBLAS per shape and picks. Also here, shared
 with the Triton GEMM: `gemm_operands` (the flattening every launcher starts with) and
 `gemm_epilogue` (bias, activation, store).
+
+The prologue. In a decode step each RMSNorm and gated activation between two GEMVs is a kernel
+of a few microseconds plus a launch gap. With a prologue every GEMV program makes the part of
+its input it reads itself: rmsnorm(x) or rmsnorm(x + residual) (one extra pass over the row
+for its sum of squares: K <= 8192 elements from L1/L2, next to the BLOCK_N weight rows it
+streams from HBM), or act(gate) * up, rounded where the unfused kernels round. The programs of
+the first weight-row tile store add_rmsnorm's sum x + residual.
 """
 
 from __future__ import annotations
@@ -18,19 +27,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .activation import apply_act
+from .activation import apply_act, gated_act
+from .norm import _rows
 from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
 
 
-def gemm_operands(x: Tensor, weight: Tensor, contiguous: bool = False) -> tuple[int, int, int, Tensor, Tensor]:
+def gemm_operands(x: Tensor, weight: Tensor) -> tuple[int, int, int, Tensor, Tensor]:
     """(M, N, K, x2 [M, K], out [M, N]) for a GEMM of x [..., K] by weight [N, K]: x flattened
-    to rows (copied where `contiguous` asks and its rows are not), out empty in x's dtype."""
+    to rows, out empty in x's dtype."""
     n, k = weight.shape
     m = math.prod(x.shape[:-1])
     x2 = x.reshape(m, k)  # [M, K]
-    if contiguous:
-        x2 = x2.contiguous()
     return m, n, k, x2, torch.empty((m, n), dtype=x.dtype, device=x.device)
 
 
@@ -92,6 +100,20 @@ _GEMV_CONFIGS: dict[int, list[triton.Config]] = {
     8: _GEMV_DOT_CONFIGS,
     16: _GEMV_DOT_CONFIGS,
 }
+# With a prologue a program also reads its rows of x once more (and the residual, the norm
+# weight): at one token, tiles of 8 weight rows spread that over twice the rows (32 to 64
+# float32 products per thread, as in the tiles above).
+_PROLOGUE_M1_CONFIGS = [_gemv_config(1, 8, 512, 4), _gemv_config(1, 8, 1024, 4), _gemv_config(1, 8, 1024, 8)]
+
+# The prologues (x' is what the GEMV multiplies): "none" x' = x; "rmsnorm" rmsnorm(x);
+# "add_rmsnorm" rmsnorm(x + residual); "silu", "gelu_none", "gelu_tanh" the gated activation
+# act(g) * u of x = [g | u], 2K wide (activation.gated_act's names).
+PROLOGUES = ("none", "rmsnorm", "add_rmsnorm", "silu", "gelu_none", "gelu_tanh")
+# Load each program's first weight tile before waiting for the kernel before it (kernels/pdl.py):
+# weights are constants, so that load may overlap the previous kernel's tail. On an H100, the
+# GEMVs of Llama layers in a CUDA graph with PDL took 3.5-4% less time per Llama-3.2-1B layer
+# with it and 1.6-2% less per Llama-3-8B layer (two runs).
+EARLY_WEIGHT_TILE = True
 
 
 def _gemv_m_bucket(num_tokens: int) -> int:
@@ -100,56 +122,149 @@ def _gemv_m_bucket(num_tokens: int) -> int:
 
 
 def _gemv_configs_for_m_bucket(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return _GEMV_CONFIGS[{**named_args, **kwargs}["M_BUCKET"]]
+    args = {**named_args, **kwargs}
+    m_bucket = args["M_BUCKET"]
+    extra = _PROLOGUE_M1_CONFIGS if m_bucket == 1 and args.get("PROLOGUE", "none") != "none" else []
+    return _GEMV_CONFIGS[m_bucket] + extra
+
+
+# A norm's pass for the sum of squares reads its rows in tiles of up to this many elements
+# (whole rows of K <= 4096 at one token): one load's latency before the weights stream, not
+# K / BLOCK_K of them one after the other.
+NORM_TILE_ELEMENTS = 4096
+
+
+def _norm_block(args: dict) -> int:
+    return min(triton.next_power_of_2(args["K"]), max(args["BLOCK_K"], NORM_TILE_ELEMENTS // args["BLOCK_M"]))
 
 
 @triton.autotune(
-    configs=[c for cs in _GEMV_CONFIGS.values() for c in cs],
-    key=["M_BUCKET", "N", "K"],  # the autotuner adds the tensors' dtypes
+    configs=[c for cs in (*_GEMV_CONFIGS.values(), _PROLOGUE_M1_CONFIGS) for c in cs],
+    key=["M_BUCKET", "N", "K", "PROLOGUE", "EARLY_W"],  # the autotuner adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _gemv_configs_for_m_bucket},
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
 )
+@triton.heuristics({"NORM_BLOCK": _norm_block})
 @triton.jit
 def _gemv_act_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
+    residual_ptr, norm_w_ptr, sum_ptr,  # the prologue's: residual [M, K] rows, norm weight [K], sum [M, K] dense
     M, N, K, M_BUCKET,  # M_BUCKET: only the autotune key
-    stride_xm, stride_wn, stride_wk, stride_om,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_xm, stride_rm, stride_wn, stride_wk, stride_om, eps,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    EARLY_W: tl.constexpr, NORM_BLOCK: tl.constexpr,
 ):
-    """out[M, N] = act(x[M, K] @ w[N, K]^T + bias[N]) for small M, float32 accumulation; x has
-    unit stride along K. Program pid takes rows tile pid % cdiv(M, BLOCK_M) of x and rows tile
-    pid // cdiv(M, BLOCK_M) of w: the M tiles that share a w tile run next to each other."""
-    pdl_start(PDL)
+    """out[M, N] = act(x'[M, K] @ w[N, K]^T + bias[N]) for small M, float32 accumulation, x' what
+    PROLOGUE makes of x (PROLOGUES), in w's dtype; x and residual have unit stride along K.
+    Program pid takes rows tile pid % cdiv(M, BLOCK_M) of x and rows tile pid // cdiv(M, BLOCK_M)
+    of w: the M tiles that share a w tile run next to each other."""
     pid_m, pid_n, rows_m, rows_n = gemv_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    row_ok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M) < M  # [BLOCK_M]: false on rows wrapped around
     use_dot: tl.constexpr = BLOCK_M >= 16
     if use_dot:
         offs_k = offs_k[None, :]  # [1, BLOCK_K]
-        x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k  # [BLOCK_M, BLOCK_K]
+        rows_x = rows_m[:, None]  # [BLOCK_M, 1]
+        row_ok = row_ok[:, None]  # [BLOCK_M, 1]
         w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k * stride_wk  # [BLOCK_N, BLOCK_K]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rstd = tl.zeros((BLOCK_M, 1), dtype=tl.float32)  # set below where there is a norm
     else:
         # Three dimensions from the start: w keeps the layout it is loaded in (16-byte vectors
         # along K, each thread holding all BLOCK_M rows of its products) with no shuffle through
         # shared memory; the accumulator is summed over K once, after the loop.
         offs_k = offs_k[None, None, :]  # [1, 1, BLOCK_K]
-        x_ptrs = x_ptr + rows_m[:, None, None] * stride_xm + offs_k  # [BLOCK_M, 1, BLOCK_K]
+        rows_x = rows_m[:, None, None]  # [BLOCK_M, 1, 1]
+        row_ok = row_ok[:, None, None]  # [BLOCK_M, 1, 1]
         w_ptrs = w_ptr + rows_n[None, :, None] * stride_wn + offs_k * stride_wk  # [1, BLOCK_N, BLOCK_K]
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    num_full = K // BLOCK_K
-    for _ in range(0, num_full):
-        acc = _gemv_step(acc, tl.load(x_ptrs), tl.load(w_ptrs), use_dot, DOT_PRECISION)
-        x_ptrs += BLOCK_K
+        rstd = tl.zeros((BLOCK_M, 1, 1), dtype=tl.float32)
+    x_rows = x_ptr + rows_x * stride_xm  # row starts, [BLOCK_M, 1] or [BLOCK_M, 1, 1]
+    r_rows = residual_ptr + rows_x * stride_rm
+    s_rows = sum_ptr + rows_x * K
+    if EARLY_W:  # weights are constants: safe to read before the wait
+        w_first = tl.load(w_ptrs, mask=offs_k < K, other=0.0)
+    pdl_start(PDL)  # before any read of x, residual or bias, and any store
+    if PROLOGUE == "rmsnorm" or PROLOGUE == "add_rmsnorm":
+        norm_cols = tl.arange(0, NORM_BLOCK)  # [NORM_BLOCK]
+        norm_cols = norm_cols[None, :] if use_dot else norm_cols[None, None, :]  # shaped like offs_k
+        rstd = _rstd(x_rows, r_rows, s_rows, norm_cols, K, eps, row_ok & (pid_n == 0), PROLOGUE, NORM_BLOCK)
+    k_start = 0
+    if EARLY_W:
+        x = _prologue_tile(x_rows, r_rows, s_rows, norm_w_ptr, w_ptr, offs_k, offs_k < K, K, rstd, PROLOGUE)
+        acc = _gemv_step(acc, x, w_first, use_dot, DOT_PRECISION)
         w_ptrs += BLOCK_K * stride_wk
-    if num_full * BLOCK_K < K:  # the K remainder: one masked tile
-        in_k = offs_k < K - num_full * BLOCK_K
-        acc = _gemv_step(acc, tl.load(x_ptrs, mask=in_k, other=0.0), tl.load(w_ptrs, mask=in_k, other=0.0),
-                         use_dot, DOT_PRECISION)
+        k_start = BLOCK_K
+    k_end = k_start + tl.maximum(K - k_start, 0) // BLOCK_K * BLOCK_K  # past the last whole tile
+    for k in range(k_start, k_end, BLOCK_K):
+        x = _prologue_tile(x_rows, r_rows, s_rows, norm_w_ptr, w_ptr, k + offs_k, None, K, rstd, PROLOGUE)
+        acc = _gemv_step(acc, x, tl.load(w_ptrs), use_dot, DOT_PRECISION)
+        w_ptrs += BLOCK_K * stride_wk
+    if k_end < K:  # the K remainder: one masked tile
+        in_k = offs_k < K - k_end
+        x = _prologue_tile(x_rows, r_rows, s_rows, norm_w_ptr, w_ptr, k_end + offs_k, in_k, K, rstd, PROLOGUE)
+        acc = _gemv_step(acc, x, tl.load(w_ptrs, mask=in_k, other=0.0), use_dot, DOT_PRECISION)
     if not use_dot:
         acc = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
 
     gemm_epilogue(acc, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, HAS_BIAS, ACT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _load(ptrs, mask):
+    """ptrs loaded where mask holds, zeros elsewhere; mask None: all of them, unmasked."""
+    if mask is None:
+        values = tl.load(ptrs)
+    else:
+        values = tl.load(ptrs, mask=mask, other=0.0)
+    return values
+
+
+@triton.jit
+def _norm_input(x_rows, r_rows, s_rows, cols, mask, PROLOGUE: tl.constexpr):
+    """The rows being normalized at `cols`, in float32: x, or s = x + residual rounded to sum's
+    dtype as eager adds them."""
+    h = _load(x_rows + cols, mask).to(tl.float32)
+    if PROLOGUE == "add_rmsnorm":
+        h = (h + _load(r_rows + cols, mask).to(tl.float32)).to(s_rows.dtype.element_ty).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _rstd(x_rows, r_rows, s_rows, norm_cols, K, eps, store_sum, PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """rsqrt(mean(h^2) + eps) of each row (K summed to 1), h = _norm_input over all of K in tiles
+    of NORM_BLOCK; add_rmsnorm stores s where store_sum holds (rows not wrapped, first w tile)."""
+    h = _norm_input(x_rows, r_rows, s_rows, norm_cols, norm_cols < K, PROLOGUE)
+    squares = h * h
+    if PROLOGUE == "add_rmsnorm":
+        tl.store(s_rows + norm_cols, h.to(s_rows.dtype.element_ty), mask=(norm_cols < K) & store_sum)
+    for k in range(NORM_BLOCK, K, NORM_BLOCK):
+        cols = k + norm_cols
+        in_k = cols < K
+        h = _norm_input(x_rows, r_rows, s_rows, cols, in_k, PROLOGUE)
+        if PROLOGUE == "add_rmsnorm":
+            tl.store(s_rows + cols, h.to(s_rows.dtype.element_ty), mask=in_k & store_sum)
+        squares += h * h
+    return tl.rsqrt(tl.sum(squares, axis=-1, keep_dims=True) / K + eps)
+
+
+@triton.jit
+def _prologue_tile(x_rows, r_rows, s_rows, norm_w_ptr, w_ptr, cols, mask, K, rstd, PROLOGUE: tl.constexpr):
+    """x' at `cols` (PROLOGUES), in w's dtype, rounded where the unfused ops round: the Llama
+    norm rounds h * rstd to the normalized tensor's dtype before the weight, the gated
+    activation rounds act(g) before the product (as norm.py and activation.py do)."""
+    if PROLOGUE == "none":
+        y = _load(x_rows + cols, mask)
+    elif PROLOGUE == "rmsnorm" or PROLOGUE == "add_rmsnorm":
+        h = _norm_input(x_rows, r_rows, s_rows, cols, mask, PROLOGUE)
+        norm_dtype = s_rows.dtype.element_ty if PROLOGUE == "add_rmsnorm" else x_rows.dtype.element_ty
+        y = (h * rstd).to(norm_dtype).to(tl.float32) * _load(norm_w_ptr + cols, mask).to(tl.float32)
+    else:
+        gate = _load(x_rows + cols, mask).to(tl.float32)
+        up = _load(x_rows + K + cols, mask).to(tl.float32)
+        y = gated_act(gate, up, PROLOGUE, x_rows.dtype.element_ty)
+    return y.to(w_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -172,16 +287,51 @@ def gemm_act_gemv(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> T
     any M, fast up to GEMV_MAX_TOKENS rows (each tile of 16 rows past those reads the weight again).
     x: [..., K]; weight: [N, K]; bias: [N] or None. Returns [..., N], contiguous.
     """
-    return _launch_gemv_act(x, weight, bias, act)
+    return _launch_gemv_act(x, weight, bias, act)[0]
+
+
+def gemv_prologue(
+    x: Tensor, weight: Tensor, bias: Tensor | None, prologue: str, *, residual: Tensor | None = None,
+    norm_weight: Tensor | None = None, eps: float = 0.0,
+) -> tuple[Tensor, Tensor | None]:
+    """(out, sum): out = x' @ weight^T + bias by the GEMV, x' what `prologue` makes of x, each
+    program making the part it reads:
+
+        "rmsnorm"        x' = rmsnorm(x, norm_weight, eps)                x: [..., K]
+        "add_rmsnorm"    x' = rmsnorm(s, norm_weight, eps), s = x + residual, returned as sum
+        "silu", "gelu_none", "gelu_tanh"
+                         x' = act(x[..., :K]) * x[..., K:]                x: [..., 2K]
+
+    Rounded as norm.rmsnorm_triton / activation.silu_mul_triton round x', which must come out in
+    weight's dtype (the caller checks). weight: [N, K]; bias: [N] or None; norm_weight: [K];
+    residual like x. Returns out [..., N] in weight's dtype, contiguous; sum [..., K] (None
+    without a residual). Correct for any M, meant for a few tokens.
+    """
+    if prologue not in PROLOGUES[1:]:
+        raise ValueError(f"gemv_prologue: prologue={prologue!r} is not one of {PROLOGUES[1:]}")
+    return _launch_gemv_act(x, weight, bias, "none", prologue=prologue, residual=residual,
+                            norm_weight=norm_weight, eps=eps)
 
 
 def _launch_gemv_act(
-    x: Tensor, weight: Tensor, bias: Tensor | None, act: str, *, config: triton.Config | None = None
-) -> Tensor:
-    """gemm_act_gemv; with `config`, that config instead of the autotuned one."""
-    m, n, k, x2, out = gemm_operands(x, weight, contiguous=True)  # x2 [M, K], out [M, N]
+    x: Tensor, weight: Tensor, bias: Tensor | None, act: str, *, prologue: str = "none",
+    residual: Tensor | None = None, norm_weight: Tensor | None = None, eps: float = 0.0,
+    config: triton.Config | None = None, early_weight_tile: bool = EARLY_WEIGHT_TILE,
+) -> tuple[Tensor, Tensor | None]:
+    """(out, sum) of gemm_act_gemv or gemv_prologue; with `config`, that config instead of the
+    autotuned one; `early_weight_tile`: EARLY_W (benchmarks compare both)."""
+    n, k = weight.shape
+    m = math.prod(x.shape[:-1])
+    x2 = _rows(x)  # [M, K], or [M, 2K] for a gated activation
+    out_shape = (*x.shape[:-1], n)
+    out_dtype = x.dtype if prologue == "none" else weight.dtype  # x' comes out in weight's dtype
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)  # [M, N]
+    residual2 = s = None
+    if residual is not None:
+        residual2 = _rows(residual)  # [M, K]
+        s = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)  # [..., K]
     if out.numel() == 0:
-        return out.view(*x.shape[:-1], n)
+        return out.view(out_shape), s
     m_bucket = _gemv_m_bucket(m)
     if config is None and triton.knobs.runtime.interpret:
         config = _GEMV_CONFIGS[m_bucket][0]  # the interpreter cannot time the configs
@@ -193,9 +343,14 @@ def _launch_gemv_act(
     pdl = pdl_enabled(x)
     kernel[grid](
         x2, weight, out if bias is None else bias.contiguous(), out,
+        x2 if residual2 is None else residual2, x2 if norm_weight is None else norm_weight.contiguous(),
+        x2 if s is None else s,
         m, n, k, m_bucket,
-        x2.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, ACT=act, DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-        PDL=pdl, launch_pdl=pdl, **meta,
+        x2.stride(0), 0 if residual2 is None else residual2.stride(0), weight.stride(0), weight.stride(1),
+        out.stride(0), eps,
+        HAS_BIAS=bias is not None, ACT=act, PROLOGUE=prologue,
+        DOT_PRECISION="ieee" if weight.dtype == torch.float32 else None,
+        PDL=pdl, EARLY_W=early_weight_tile, launch_pdl=pdl, **meta,
     )
-    return out.view(*x.shape[:-1], n)
+    return out.view(out_shape), s
+

@@ -10,6 +10,10 @@ implementations at the weight's shape there and keeps the fastest one per token 
 `quantize_weight` never reaches an engine (lowering folds it into the weights) but has an
 entry like every op.
 
+The fused norm / activation + linear ops (`rmsnorm_linear`, `add_rmsnorm_linear`,
+`act_mul_linear`) run the decode GEMV with a prologue up to LINEAR_PLAN_MAX_TOKENS tokens, and
+above it the unfused kernels (norm or activation, then cuBLAS, as a plain linear there).
+
 A few aten ops have entries too: on a GPU, `aten.linear` with a constant weight (every linear
 layer without an activation to fuse: QKV, output, gate/up, down, LM head) runs through the
 same measured plan, between cuBLAS and the Triton GEMV that streams weights faster at decode's
@@ -98,7 +102,7 @@ def default_registry() -> Registry:
 def _cuda_impls() -> dict:
     """The GPU implementation of each op that has one. Each falls back to the op's reference
     for inputs its kernel does not take (float64, head dims over 256)."""
-    from trtllm.kernels import activation, attention, gemm, norm, quant, rope, wo_gemm
+    from trtllm.kernels import activation, attention, fused_linear, gemm, norm, quant, rope, wo_gemm
 
     ops = torch.ops.trtllm
     kernels = {
@@ -127,6 +131,14 @@ def _cuda_impls() -> dict:
     )
     # Build time only (folded into the weights): the op itself, plain torch on the GPU.
     impls[ops.quantize_weight.default] = Impl("torch (build time)", ops.quantize_weight.default, devices=("cuda",))
+    fused = {
+        ops.rmsnorm_linear.default: (fused_linear.rmsnorm_linear_gemv, fused_linear.rmsnorm_linear_unfused),
+        ops.add_rmsnorm_linear.default: (fused_linear.add_rmsnorm_linear_gemv, fused_linear.add_rmsnorm_linear_unfused),
+        ops.act_mul_linear.default: (fused_linear.act_mul_linear_gemv, fused_linear.act_mul_linear_unfused),
+    }
+    for op, (gemv, unfused) in fused.items():
+        impls[op] = Impl(f"fused GEMV up to {LINEAR_PLAN_MAX_TOKENS} tokens, else unfused", _gemv_at_decode(gemv, unfused),
+                         devices=("cuda",))
     decode_planner = gemm.GemmActPlanner(token_counts=(1,))
     impls[torch.ops.aten.linear.default] = Impl(
         "linear, triton_gemv or cuBLAS by measurement", torch.ops.aten.linear.default, devices=("cuda",),
@@ -140,6 +152,16 @@ LINEAR_IMPLEMENTATIONS = ("cublas", "triton_gemv")  # a plain linear: cuBLAS, or
 # directly. The GEMV's lead over cuBLAS is 10-20% at 1 token and a few % at 16 (H100, Llama
 # shapes), while eager prefill steps of a few tokens pay its Python launch on every layer.
 LINEAR_PLAN_MAX_TOKENS = 4
+
+
+def _gemv_at_decode(gemv: Callable, unfused: Callable) -> Callable:
+    """A fused op's implementation: its GEMV up to LINEAR_PLAN_MAX_TOKENS tokens of x (the
+    op's first argument, [..., K]), its unfused kernels above."""
+
+    def fused_at_decode(x, *args):
+        return (unfused if x.numel() > LINEAR_PLAN_MAX_TOKENS * x.shape[-1] else gemv)(x, *args)
+
+    return fused_at_decode
 
 
 def _constant_linear(node: Node) -> bool:
