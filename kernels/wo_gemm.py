@@ -6,20 +6,31 @@ Formats (built once by `pack_int8` / `pack_int4`, read back by `unpack`), both s
 
 - int8: w_q [N, K] int8, q in [-127, 127]; w = q * scale.
 - int4: w_q [N, K // 2] uint8, two weights per byte in offset binary (nibble = q + 8,
-  q in [-7, 7]); w = q * scale. Within each group of `group_size` weights, byte j of the
-  group holds weight j in its low nibble and weight j + group_size / 2 in its high nibble, so
-  that a kernel multiplies the low nibbles by one contiguous half of x and the high ones by
-  the other (no shuffle of x or of the weights).
+  q in [-7, 7]); w = q * scale. Laid out for the decode GEMV: each block of 32 consecutive
+  weights of a row is 16 bytes, read as 4 little-endian int32 words, and nibble i of word j
+  (bits 4i..4i+3) holds weight 4i + j of the block. A thread that loads a block as one 16-byte
+  vector finds, at each nibble position i, four weights whose x are 4 consecutive values (one
+  8-byte load of a 16-bit x), and turns a nibble into a float without moving it (see
+  `_nibble`); only nibbles 5-7 take one shift per word.
 - scales [N, K // group_size] float32: one scale per output channel and group of `group_size`
   consecutive weights along K. `group_size == K` is per output channel (int8's default, scales
-  [N, 1]); otherwise group_size is a power of two in [32, 1024] that divides K (int4's default 128).
+  [N, 1]); otherwise group_size is a power of two in [32, 1024] that divides K (int4's default
+  128), so int4 groups are whole blocks.
 
-On CUDA the op runs `lowbit_gemm`, one autotuned Triton kernel that also serves FP8 weights
-(`quant.fp8_gemm_triton`): at a few tokens a GEMV that streams the packed weight and
-dequantizes it on the CUDA cores (the decode case: it reads 1/2 or 1/4 of a bf16 weight's
-bytes), and tiles through `tl.dot` (a weight tile dequantized to x's dtype exactly: the
-integers fit; each group's scale applied to its partial product), chosen per token-count
-bucket by the autotuner.
+On CUDA the op runs `lowbit_gemm`. At up to GEMV_MAX_ROWS tokens int4 weights go to
+`_int4_gemv_kernel`, a GEMV built to stream the packed weight: at half a byte a weight the
+integer work of unpacking, not the bytes, bounded the first version (about 7 instructions a
+weight, 46% of copy bandwidth over Llama-3-8B's decode GEMMs on an H100). Per weight it now
+spends one LOP3 (the nibble into a float's mantissa), one float subtract and one FMA per token,
+in float32 (under 4 instructions a weight at one token); each thread reuses its x values for
+all of its weight rows, and a group's scale multiplies the group's sum. It loads each program's
+first weight step before waiting on the kernel before it (PDL, kernels/pdl.py). On the H100:
+2.13 ms of int4 GEMMs per Llama-3-8B token (62% of copy bandwidth; the LM head 92%, gate_up
+73%, the 4096-row GEMMs 40-56%: too few programs and steps to hide the ramp), bf16 cuBLAS 5.68.
+Everything else runs `_lowbit_gemm_kernel`, one autotuned Triton kernel that also serves FP8
+weights (`quant.fp8_gemm_triton`): at a few tokens of int8 / fp8 a GEMV on the CUDA cores, and
+tiles through `tl.dot` (a weight tile dequantized to x's dtype exactly: the integers fit; each
+group's scale applied to its partial product), chosen per token-count bucket by the autotuner.
 """
 
 from __future__ import annotations
@@ -34,10 +45,14 @@ from torch import Tensor
 
 from .gemm import ACTIVATIONS
 from .gemv import gemm_epilogue, gemv_tile
+from .pdl import enabled as pdl_enabled
+from .pdl import pdl_start
 
 WO_BITS = (4, 8)
 QMAX = {8: 127, 4: 7}  # the largest |q| of each format (symmetric: -8 is never used by int4)
 MIN_GROUP, MAX_GROUP = 32, 1024  # the group sizes the Triton kernel tiles by (besides K itself)
+INT4_BLOCK = 32  # int4 weights per 16-byte block of pack_int4's layout (MIN_GROUP: groups are whole blocks)
+INT4_MAGIC = 0x4B000000  # float32 2^23, the int4 GEMV's magic number (_nibble)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -59,20 +74,20 @@ def pack_int4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor]:
     """w [N, K] float -> (w_q [N, K // 2] uint8, scales [N, K // group_size] float32).
 
     scale = amax(|w|) / 7 over the group (1 where all zeros); q = round(w / scale) in [-7, 7],
-    stored as nibbles q + 8, weights j and j + group_size / 2 of a group in one byte (see the
-    module docstring). |w - q * scale| <= scale / 2.
+    stored as nibbles q + 8, in blocks of 32 weights whose int32 word j holds weight 4i + j of
+    the block in nibble i (see the module docstring). |w - q * scale| <= scale / 2.
     """
     group_size = _check_pack("pack_int4", w, 4, group_size)
     q, scales = _quantize(w, 4, group_size)  # [N, K]
     n, k = w.shape
-    nibbles = (q + 8).to(torch.uint8).view(n, k // group_size, 2, group_size // 2)  # [N, G, 2, gs/2]
-    packed = nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)  # [N, G, gs/2]
-    return packed.reshape(n, k // 2), scales
+    nibbles = (q + 8).to(torch.uint8).view(n, k // INT4_BLOCK, 4, 2, 4)  # [N, B, b, h, j]: weight 8b + 4h + j
+    packed = nibbles[:, :, :, 0] | (nibbles[:, :, :, 1] << 4)  # [N, B, b, j]: nibble 2b + h of word j
+    return packed.transpose(2, 3).reshape(n, k // 2), scales  # byte b of word j is byte 4j + b
 
 
 def unpack(w_q: Tensor, scales: Tensor, bits: int, group_size: int) -> Tensor:
     """The dequantized weight [N, K] float32 of pack_int8 / pack_int4's output."""
-    q = _unpack_q(w_q, bits, group_size)  # [N, K] float32
+    q = _unpack_q(w_q, bits)  # [N, K] float32
     n, k = q.shape
     groups = q.view(n, k // group_size, group_size) * scales.float()[:, :, None]  # [N, G, gs]
     return groups.view(n, k)
@@ -88,14 +103,14 @@ def _quantize(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
     return q.view(n, k), scales
 
 
-def _unpack_q(w_q: Tensor, bits: int, group_size: int) -> Tensor:
+def _unpack_q(w_q: Tensor, bits: int) -> Tensor:
     """The integers q [N, K] float32 of a packed weight."""
     if bits == 8:
         return w_q.float()
     n, k = w_q.shape[0], 2 * w_q.shape[1]
-    halves = w_q.view(n, k // group_size, 1, group_size // 2)  # [N, G, 1, gs/2]
-    nibbles = torch.cat([halves & 15, halves >> 4], dim=2)  # [N, G, 2, gs/2]: low, then high
-    return nibbles.float().view(n, k) - 8.0
+    blocks = w_q.view(n, k // INT4_BLOCK, 4, 4)  # [N, B, j, b]: byte b of word j
+    nibbles = torch.stack([blocks & 15, blocks >> 4], dim=-1)  # [N, B, j, b, h]: nibble 2b + h of word j
+    return nibbles.permute(0, 1, 3, 4, 2).reshape(n, k).float() - 8.0  # weight 4 (2b + h) + j
 
 
 def _check_pack(op: str, w: Tensor, bits: int, group_size: int | None) -> int:
@@ -193,7 +208,7 @@ def wo_gemm_triton(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size
     return lowbit_gemm(x, w_q, scales, bits, group_size, bias=bias, act=act)
 
 
-# ---------------------------------------------------------------- the Triton kernel
+# ---------------------------------------------------------------- the Triton kernels
 
 GEMV_MAX_ROWS = 4  # up to this many rows of x the products run on the CUDA cores
 
@@ -204,11 +219,10 @@ def _config(block_m: int, block_n: int, block_kb: int, num_warps: int, num_stage
     return triton.Config(tile, num_warps=num_warps, num_stages=num_stages)
 
 
-# Tiles by M bucket (M rounded up to a power of two). Up to GEMV_MAX_ROWS rows a program streams
-# BLOCK_N weight rows over all of K in 16-byte loads, 4-8 KB per step as the bf16 GEMV
-# (gemv.py) found best; tl.dot tiles of 16 rows from 8 rows, and also tried at 2 and 4 (int4's
-# CUDA-core GEMV spends 4 rows' products on the integer pipes: 0.4 TB/s at M = 4 on an H100,
-# its tl.dot tiles about 1.3); GEMM tiles from 32 rows.
+# _lowbit_gemm_kernel's tiles by M bucket (M rounded up to a power of two). Up to GEMV_MAX_ROWS
+# rows of int8 / fp8 a program streams BLOCK_N weight rows over all of K in 16-byte loads, 4-8
+# KB per step as the bf16 GEMV (gemv.py) found best; tl.dot tiles of 16 rows from 8 rows (int4's
+# from 5), and also tried at 2 and 4; GEMM tiles from 32 rows.
 _DOT_DECODE = [_config(16, 32, 128, 4, 3), _config(16, 32, 256, 4, 4), _config(16, 16, 256, 4, 4)]
 _CONFIGS: dict[int, list[triton.Config]] = {
     1: [_config(1, 4, 1024, 4), _config(1, 4, 2048, 4), _config(1, 2, 2048, 4), _config(1, 8, 1024, 8),
@@ -220,6 +234,30 @@ _CONFIGS: dict[int, list[triton.Config]] = {
 }
 _GEMM_CONFIGS = [_config(64, 64, 128, 4, 3), _config(64, 128, 128, 4, 4), _config(128, 128, 64, 8, 3)]
 
+def _int4_config(block_m: int, block_n: int, block_kb: int, num_warps: int, prefetch: bool) -> triton.Config:
+    """PREFETCH: load the next step's weights before this step's math (see _int4_gemv_kernel)."""
+    tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_KB": block_kb, "PREFETCH": prefetch}
+    return triton.Config(tile, num_warps=num_warps, num_stages=1)
+
+
+# _int4_gemv_kernel's tiles by M bucket. A thread loads one 16-byte block (32 weights) of each of
+# its weight rows per step, and BLOCK_KB = 512 x num_warps bytes are one block per thread of the
+# program along K: every thread holds all BLOCK_N rows of its slice of K (its x, loaded and
+# converted once, serves BLOCK_N rows) and x's loads take the weights' layout (no shuffle through
+# shared memory). Ahead-loaded steps keep twice the bytes in flight per program, at the cost of
+# registers (fewer programs per SM): both are timed. Picked on the H100 at one token (Llama-3-8B):
+# 8 rows and 1 warp for gate_up and the LM head, 8 rows and 2 warps for qkv and o, 4 rows, 2
+# warps and ahead-loaded steps for down (K = 14336).
+_INT4_GEMV_CONFIGS: dict[int, list[triton.Config]] = {
+    1: [_int4_config(1, 4, 512, 1, False), _int4_config(1, 8, 512, 1, False), _int4_config(1, 8, 1024, 2, False),
+        _int4_config(1, 4, 2048, 4, False), _int4_config(1, 4, 512, 1, True), _int4_config(1, 8, 512, 1, True),
+        _int4_config(1, 4, 1024, 2, True), _int4_config(1, 2, 1024, 2, True)],
+    2: [_int4_config(2, 4, 512, 1, False), _int4_config(2, 4, 512, 1, True), _int4_config(2, 4, 1024, 2, False),
+        _int4_config(2, 2, 1024, 2, True)],
+    4: [_int4_config(4, 4, 512, 1, False), _int4_config(4, 2, 512, 1, False), _int4_config(4, 2, 512, 1, True),
+        _int4_config(4, 4, 1024, 2, False)],
+}
+
 
 def _m_bucket(num_tokens: int) -> int:
     """The autotune key's M: a power of two in [1, 4096]."""
@@ -230,6 +268,10 @@ def _configs_for_m_bucket(configs: list[triton.Config], named_args: dict, **kwar
     return _CONFIGS.get({**named_args, **kwargs}["M_BUCKET"], _GEMM_CONFIGS)
 
 
+def _int4_configs_for_m_bucket(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    return _INT4_GEMV_CONFIGS[{**named_args, **kwargs}["M_BUCKET"]]
+
+
 def _sub_bytes(args: dict) -> int:
     """Bytes of a weight row that share one scale within a step: a group, or BLOCK_KB per channel."""
     return args["BLOCK_KB"] if args["PER_CHANNEL"] else args["GROUP_SIZE"] // args["PACK"]
@@ -238,6 +280,16 @@ def _sub_bytes(args: dict) -> int:
 def _subs_per_step(args: dict) -> int:
     """Groups per loop step: as many as fit BLOCK_KB on the CUDA cores, one through tl.dot."""
     return 1 if args["BLOCK_M"] > GEMV_MAX_ROWS else max(1, args["BLOCK_KB"] // _sub_bytes(args))
+
+
+def _int4_subs_per_step(args: dict) -> int:
+    """int4 GEMV groups per step: as many as fit BLOCK_KB (at least one), halved until they
+    divide a row's groups, so that every step is whole (no masks)."""
+    num_groups = args["K"] // args["GROUP_SIZE"]
+    subs = max(1, args["BLOCK_KB"] * 2 // args["GROUP_SIZE"])
+    while num_groups % subs:
+        subs //= 2
+    return subs
 
 
 @triton.autotune(
@@ -254,24 +306,29 @@ def _lowbit_gemm_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     PACK: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr,
     SUB_BYTES: tl.constexpr, SUBS: tl.constexpr,
 ):
     """out[M, N] = act((x[M, K] @ dequant(w)^T) * x_scale[M] + bias[N]), float32 accumulation.
 
-    w: [N, K_BYTES] bytes (int8, fp8 e4m3, or int4 pairs when PACK = 2) with unit stride along
-    K; x: unit stride along K. PER_CHANNEL: s [N] scales every output column in the epilogue;
+    w: [N, K_BYTES] bytes (int8 or fp8 e4m3) with unit stride along K, or int4 as pack_int4's
+    int32 words [N, K // 8] (PACK = 2, tl.dot tiles only: _int4_gemv_kernel takes the GEMV);
+    x: unit stride along K. PER_CHANNEL: s [N] scales every output column in the epilogue;
     else s [N, K // GROUP_SIZE] scales each group's partial sums. Program pid takes row tile
     pid % cdiv(M, BLOCK_M) of x and row tile pid // cdiv(M, BLOCK_M) of w.
     """
     pid_m, pid_n, rows_m, rows_n = gemv_tile(M, N, BLOCK_M, BLOCK_N)
+    pdl_start(PDL)  # before any load and any store
     if BLOCK_M <= 4:  # GEMV_MAX_ROWS
         acc = _gemv_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
-                         PACK, PER_CHANNEL, SUB_BYTES, SUBS, BLOCK_M, BLOCK_N)
+                         PER_CHANNEL, SUB_BYTES, SUBS, BLOCK_M, BLOCK_N)
+    elif PACK == 2:
+        acc = _int4_dot_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
+                             SUB_BYTES, DOT_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N)
     else:
         acc = _dot_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
-                        PACK, PER_CHANNEL, SUB_BYTES, DOT_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                        PER_CHANNEL, SUB_BYTES, DOT_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -283,45 +340,29 @@ def _lowbit_gemm_kernel(
 
 
 @triton.jit
-def _weights(q, PACK: tl.constexpr):
-    """(low, high) float32 weights of loaded bytes: int4 pairs (nibbles q + 8) when PACK = 2;
-    else (w, w) of int8 or fp8 bytes. Integers become floats by the 2^23 trick (an integer add and
-    a float subtract) instead of the quarter-rate int-to-float conversion."""
-    if PACK == 2:
-        q = q.to(tl.int32)  # zero-extended bytes
-        lo = ((q & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8; & | -> one LOP3
-        hi = ((q >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-    elif q.dtype == tl.int8:
-        lo = (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
-        hi = lo
+def _weights(q):
+    """float32 weights of loaded int8 or fp8 bytes. int8 becomes float by the 2^23 trick (an
+    integer add and a float subtract) instead of the quarter-rate int-to-float conversion."""
+    if q.dtype == tl.int8:
+        w = (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
     else:
-        lo = q.to(tl.float32)
-        hi = lo
-    return lo, hi
+        w = q.to(tl.float32)
+    return w
 
 
 @triton.jit
-def _gemv_step(x_ptrs, w_ptrs, s_ptrs, in_k, in_sub, PACK: tl.constexpr, PER_CHANNEL: tl.constexpr,
-               SUB_BYTES: tl.constexpr, MASKED: tl.constexpr):
-    """One step's products on the CUDA cores. x_ptrs [BLOCK_M, 1, SUBS, SUB_BYTES] (the low
-    nibbles' x; the high nibbles' sit SUB_BYTES further), w_ptrs [1, BLOCK_N, SUBS, SUB_BYTES],
-    s_ptrs [1, BLOCK_N, SUBS]. PER_CHANNEL: the products [BLOCK_M, BLOCK_N, SUBS, SUB_BYTES];
-    else their sums per group, scaled [BLOCK_M, BLOCK_N, SUBS]. MASKED: bytes where in_k is
-    false (past K) and groups where in_sub is false count zero."""
+def _gemv_step(x_ptrs, w_ptrs, s_ptrs, in_k, in_sub, PER_CHANNEL: tl.constexpr, MASKED: tl.constexpr):
+    """One step's products on the CUDA cores. x_ptrs [BLOCK_M, 1, SUBS, SUB_BYTES], w_ptrs
+    [1, BLOCK_N, SUBS, SUB_BYTES], s_ptrs [1, BLOCK_N, SUBS]. PER_CHANNEL: the products
+    [BLOCK_M, BLOCK_N, SUBS, SUB_BYTES]; else their sums per group, scaled [BLOCK_M, BLOCK_N,
+    SUBS]. MASKED: bytes where in_k is false (past K) and groups where in_sub is false count zero."""
     if MASKED:
         q = tl.load(w_ptrs, mask=in_k, other=0.0)
         x = tl.load(x_ptrs, mask=in_k, other=0.0).to(tl.float32)
     else:
         q = tl.load(w_ptrs)
         x = tl.load(x_ptrs).to(tl.float32)
-    lo, hi = _weights(q, PACK)
-    p = x * lo
-    if PACK == 2:
-        if MASKED:
-            x_hi = tl.load(x_ptrs + SUB_BYTES, mask=in_k, other=0.0).to(tl.float32)
-        else:
-            x_hi = tl.load(x_ptrs + SUB_BYTES).to(tl.float32)
-        p += x_hi * hi
+    p = x * _weights(q)
     if not PER_CHANNEL:  # one return below: Triton types every return, taken or not
         if MASKED:
             s = tl.load(s_ptrs, mask=in_sub, other=0.0).to(tl.float32)
@@ -333,16 +374,16 @@ def _gemv_step(x_ptrs, w_ptrs, s_ptrs, in_k, in_sub, PACK: tl.constexpr, PER_CHA
 
 @triton.jit
 def _gemv_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
-               PACK: tl.constexpr, PER_CHANNEL: tl.constexpr, SUB_BYTES: tl.constexpr, SUBS: tl.constexpr,
+               PER_CHANNEL: tl.constexpr, SUB_BYTES: tl.constexpr, SUBS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """x [BLOCK_M, K] @ dequant(w [BLOCK_N, K_BYTES])^T for a few rows, products in float32 on the
-    CUDA cores: each step takes SUBS groups of SUB_BYTES bytes of every weight row (16-byte
-    loads), with no shuffle of the weights. Returns [BLOCK_M, BLOCK_N] float32."""
+    """x [BLOCK_M, K] @ dequant(w [BLOCK_N, K_BYTES])^T of 8-bit weights for a few rows, products
+    in float32 on the CUDA cores: each step takes SUBS groups of SUB_BYTES bytes of every weight
+    row (16-byte loads), with no shuffle of the weights. Returns [BLOCK_M, BLOCK_N] float32."""
     sub = tl.arange(0, SUBS)[None, None, :, None]  # [1, 1, SUBS, 1]
     byte = tl.arange(0, SUB_BYTES)[None, None, None, :]  # [1, 1, 1, SUB_BYTES]
     col = sub * SUB_BYTES + byte  # [1, 1, SUBS, SUB_BYTES]: weight byte within the step
     w_ptrs = w_ptr + rows_n[None, :, None, None] * stride_wn + col  # [1, BLOCK_N, SUBS, SUB_BYTES]
-    x_ptrs = x_ptr + rows_m[:, None, None, None] * stride_xm + sub * (SUB_BYTES * PACK) + byte  # [BLOCK_M, 1, ...]
+    x_ptrs = x_ptr + rows_m[:, None, None, None] * stride_xm + col  # [BLOCK_M, 1, SUBS, SUB_BYTES]
     s_ptrs = s_ptr + rows_n[None, :, None] * stride_sn + tl.arange(0, SUBS)[None, None, :]  # [1, BLOCK_N, SUBS]
     step: tl.constexpr = SUBS * SUB_BYTES
     num_full = K_BYTES // step
@@ -351,14 +392,14 @@ def _gemv_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_w
     else:  # each group's sum, scaled
         acc = tl.zeros((BLOCK_M, BLOCK_N, SUBS), dtype=tl.float32)
     for _ in range(0, num_full):
-        acc += _gemv_step(x_ptrs, w_ptrs, s_ptrs, None, None, PACK, PER_CHANNEL, SUB_BYTES, False)
+        acc += _gemv_step(x_ptrs, w_ptrs, s_ptrs, None, None, PER_CHANNEL, False)
         w_ptrs += step
-        x_ptrs += step * PACK
+        x_ptrs += step
         s_ptrs += SUBS
     left = K_BYTES - num_full * step
     if left > 0:  # the K remainder: one masked step
         in_sub = tl.arange(0, SUBS)[None, None, :] * SUB_BYTES < left  # [1, 1, SUBS]
-        acc += _gemv_step(x_ptrs, w_ptrs, s_ptrs, col < left, in_sub, PACK, PER_CHANNEL, SUB_BYTES, True)
+        acc += _gemv_step(x_ptrs, w_ptrs, s_ptrs, col < left, in_sub, PER_CHANNEL, True)
     if PER_CHANNEL:
         acc = tl.sum(acc, axis=3)
     return tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
@@ -366,11 +407,11 @@ def _gemv_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_w
 
 @triton.jit
 def _dot_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
-              PACK: tl.constexpr, PER_CHANNEL: tl.constexpr, SUB_BYTES: tl.constexpr,
+              PER_CHANNEL: tl.constexpr, SUB_BYTES: tl.constexpr,
               DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """x [BLOCK_M, K] @ dequant(w [BLOCK_N, K_BYTES])^T through tl.dot, one group (or SUB_BYTES
-    bytes per channel) per step: the weight tile is dequantized to DOT_DTYPE exactly (integers
-    and e4m3 values fit float16/bfloat16), each group's scale multiplies its partial product."""
+    """x [BLOCK_M, K] @ dequant(w [BLOCK_N, K_BYTES])^T of 8-bit weights through tl.dot, one group
+    (or SUB_BYTES bytes per channel) per step: the weight tile is dequantized to DOT_DTYPE exactly
+    (integers and e4m3 values fit float16/bfloat16), each group's scale multiplies its partial product."""
     byte = tl.arange(0, SUB_BYTES)[None, :]  # [1, SUB_BYTES]
     w_ptrs = w_ptr + rows_n[:, None] * stride_wn + byte  # [BLOCK_N, SUB_BYTES]
     x_ptrs = x_ptr + rows_m[:, None] * stride_xm + byte  # [BLOCK_M, SUB_BYTES]
@@ -378,23 +419,147 @@ def _dot_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K_BYTES, SUB_BYTES):
         in_k = byte < K_BYTES - kb  # only a per-channel K leaves a partial step
-        q = tl.load(w_ptrs, mask=in_k, other=0.0)
-        lo, hi = _weights(q, PACK)
+        w = _weights(tl.load(w_ptrs, mask=in_k, other=0.0)).to(DOT_DTYPE)
         x = tl.load(x_ptrs, mask=in_k, other=0.0).to(DOT_DTYPE)
-        if PACK == 2:
-            x_hi = tl.load(x_ptrs + SUB_BYTES, mask=in_k, other=0.0).to(DOT_DTYPE)
-            part = tl.dot(x, tl.trans(lo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-            part = tl.dot(x_hi, tl.trans(hi.to(DOT_DTYPE)), part, input_precision=DOT_PRECISION)
-        else:
-            part = tl.dot(x, tl.trans(lo.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        part = tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         if PER_CHANNEL:
             acc += part
         else:
             acc += part * tl.load(s_ptrs).to(tl.float32)[None, :]
             s_ptrs += 1
         w_ptrs += SUB_BYTES
-        x_ptrs += SUB_BYTES * PACK
+        x_ptrs += SUB_BYTES
     return acc
+
+
+@triton.jit
+def _int4_dot_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stride_wn, stride_sn,
+                   SUB_BYTES: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x [BLOCK_M, K] @ dequant(w)^T of int4 words w [BLOCK_N, K // 8] through tl.dot, a group
+    (SUB_BYTES bytes), or 128 weights of a larger one (wider tiles spill), per step: the step's
+    [BLOCK_N, 8, WORDS] nibbles, dequantized to DOT_DTYPE exactly, are the tile's columns
+    plane * WORDS + word, and x is read in that order (weight 32 (word // 4) + 4 plane + word % 4
+    of the step); the group's scale multiplies the partial product."""
+    CHUNK: tl.constexpr = 64 if SUB_BYTES > 64 else SUB_BYTES  # bytes of a row per step
+    WORDS: tl.constexpr = CHUNK // 4
+    col = tl.arange(0, 2 * CHUNK)  # [2 CHUNK]: the tile's columns
+    plane = col // WORDS
+    word = col % WORDS
+    x_cols = tl.max_contiguous(tl.multiple_of(32 * (word // 4) + 4 * plane + word % 4, 4), 4)  # [2 CHUNK]
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + x_cols[None, :]  # [BLOCK_M, 2 CHUNK]
+    w_ptrs = w_ptr + rows_n[:, None] * stride_wn + tl.arange(0, WORDS)[None, :]  # [BLOCK_N, WORDS]
+    s_ptrs = s_ptr + rows_n * stride_sn  # [BLOCK_N]
+    shifts = 4 * tl.arange(0, 8)[None, :, None]  # [1, 8, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, K_BYTES // CHUNK):
+        nibbles = (tl.load(w_ptrs)[:, None, :] >> shifts) & 15  # [BLOCK_N, 8, WORDS]
+        q = (nibbles | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + n - (2^23 + 8)
+        w = tl.reshape(q, (BLOCK_N, 2 * CHUNK)).to(DOT_DTYPE)  # [BLOCK_N, 2 CHUNK]
+        x = tl.load(x_ptrs).to(DOT_DTYPE)
+        part = tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        acc += part * tl.load(s_ptrs + step // (SUB_BYTES // CHUNK)).to(tl.float32)[None, :]
+        w_ptrs += WORDS
+        x_ptrs += 2 * CHUNK
+    return acc
+
+
+# ---------------------------------------------------------------- the int4 GEMV
+
+
+@triton.autotune(
+    configs=[c for cs in _INT4_GEMV_CONFIGS.values() for c in cs],
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],  # the autotuner adds the dtypes
+    prune_configs_by={"early_config_prune": _int4_configs_for_m_bucket},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+)
+@triton.heuristics({"SUBS": _int4_subs_per_step})
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
+    M, N, K, M_BUCKET, magic,  # M_BUCKET: only the autotune key; magic: INT4_MAGIC (see _nibble)
+    stride_xm, stride_wn, stride_sn, stride_om,
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PREFETCH: tl.constexpr,
+    SUBS: tl.constexpr,
+):
+    """out[M, N] = act(x[M, K] @ dequant(w)^T + bias[N]) for a few rows of x, float32 products on
+    the CUDA cores. w: pack_int4's int32 words [N, K // 8] (row stride a multiple of 4 words),
+    s [N, K // GROUP_SIZE]; x: unit stride along K. Each step takes SUBS whole groups of every
+    weight row (BLOCK_KB bytes or fewer: SUBS divides the row's groups), a 16-byte block per
+    thread and row. The tensors are [rows, rows, words of the step] with the words contiguous,
+    so that Triton lays the weights and every x plane out alike (threads along K, each holding
+    all rows): with a separate groups dimension Triton 3.6 put threads along the weight rows and
+    moved each x plane through shared memory, at a third of copy bandwidth. PREFETCH: the next
+    step's words are loaded before this step's math (else after it). Program pid takes row tile
+    pid % cdiv(M, BLOCK_M) of x and row tile pid // cdiv(M, BLOCK_M) of w (gemv_tile)."""
+    WORDS: tl.constexpr = GROUP_SIZE // 8  # int32 words per row and group
+    STEP_WORDS: tl.constexpr = SUBS * WORDS
+    pid_m, pid_n, rows_m, rows_n = gemv_tile(M, N, BLOCK_M, BLOCK_N)
+    word = tl.arange(0, STEP_WORDS)  # [STEP_WORDS]: a row's words in the step
+    # x of each word's nibble 0: weight 32 (word // 4) + word % 4 of the step (nibble i's: 4 i further)
+    word_k = tl.max_contiguous(tl.multiple_of(32 * (word // 4) + word % 4, 4), 4)  # [STEP_WORDS]
+    w_ptrs = w_ptr + rows_n[None, :, None] * stride_wn + word[None, None, :]  # [1, BLOCK_N, STEP_WORDS]
+    x_ptrs = x_ptr + rows_m[:, None, None] * stride_xm + word_k[None, None, :]  # [BLOCK_M, 1, STEP_WORDS]
+    s_ptrs = s_ptr + rows_n[None, :, None] * stride_sn + tl.arange(0, SUBS)[None, None, :]  # [1, BLOCK_N, SUBS]
+    w = tl.load(w_ptrs)  # the first step, before the wait: weights are constants
+    pdl_start(PDL)  # before any read of x and any store
+    acc = tl.zeros((BLOCK_M, BLOCK_N, SUBS), dtype=tl.float32)  # each group's scaled sums
+    for _ in range(1, K // (SUBS * GROUP_SIZE)):
+        w_next = tl.load(w_ptrs + STEP_WORDS)
+        if PREFETCH:
+            if magic != 0:  # always: ptxas keeps the loads above this branch, in flight during the step's math
+                acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS)
+        else:  # ptxas sinks the loads below the math: fewer registers, more programs per SM
+            acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS)
+        w = w_next
+        w_ptrs += STEP_WORDS
+        x_ptrs += SUBS * GROUP_SIZE
+        s_ptrs += SUBS
+    acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS)
+    acc = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    gemm_epilogue(acc, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, HAS_BIAS, ACT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _int4_step(w, x_ptrs, s_ptrs, magic, SUBS: tl.constexpr, WORDS: tl.constexpr):
+    """One step's scaled group sums [BLOCK_M, BLOCK_N, SUBS]: the words' products summed per
+    group (over its WORDS words), times the group's scale (s_ptrs [1, BLOCK_N, SUBS]). Summed
+    before scaling, a step's sums are one value per row and group, so that only these few move
+    to the scales' layout (the products, one per word, would go through shared memory)."""
+    p = _int4_word_products(w, x_ptrs, magic)  # [BLOCK_M, BLOCK_N, SUBS * WORDS]
+    p = tl.sum(tl.reshape(p, (p.shape[0], p.shape[1], SUBS, WORDS)), axis=3)  # [BLOCK_M, BLOCK_N, SUBS]
+    return p * tl.load(s_ptrs).to(tl.float32)
+
+
+@triton.jit
+def _int4_word_products(w, x_ptrs, magic):
+    """Each int32 word's 8 weights times their x, summed: w [1, BLOCK_N, WORDS] words, x_ptrs
+    [BLOCK_M, 1, WORDS] at the x of each word's nibble 0 (nibble i's sits 4 i further). Per
+    weight one LOP3 and one float subtract (_nibble), shared by the BLOCK_M rows of x, and an FMA
+    per row. Returns [BLOCK_M, BLOCK_N, WORDS] float32."""
+    w_hi = w >> 12  # nibbles 5, 6, 7 to bits 8, 12, 16: one shift per 8 weights
+    p = tl.load(x_ptrs).to(tl.float32) * _nibble(w, magic, 0)
+    p += tl.load(x_ptrs + 4).to(tl.float32) * _nibble(w, magic, 4)
+    p += tl.load(x_ptrs + 8).to(tl.float32) * _nibble(w, magic, 8)
+    p += tl.load(x_ptrs + 12).to(tl.float32) * _nibble(w, magic, 12)
+    p += tl.load(x_ptrs + 16).to(tl.float32) * _nibble(w, magic, 16)
+    p += tl.load(x_ptrs + 20).to(tl.float32) * _nibble(w_hi, magic, 8)
+    p += tl.load(x_ptrs + 24).to(tl.float32) * _nibble(w_hi, magic, 12)
+    p += tl.load(x_ptrs + 28).to(tl.float32) * _nibble(w_hi, magic, 16)
+    return p
+
+
+@triton.jit
+def _nibble(bits, magic, POS: tl.constexpr):
+    """q = n - 8 in float32 of the nibble n at bits POS..POS+3 of int32 words (POS <= 16). OR-ed
+    into the mantissa of the float 2^(23 - POS), whose last place is then worth one, the nibble
+    reads 2^(23 - POS) + n exactly: one LOP3 (and + or) and one float subtract, no shift and no
+    int-to-float conversion (quarter rate). magic: INT4_MAGIC, the bits of 2^23; those of
+    2^(23 - POS) are magic - (POS << 23). A runtime value, it sits in a register: with two
+    immediates (the mask and the float) the and + or would be two LOP3s, one immediate each."""
+    f = ((bits & (15 << POS)) | (magic - (POS << 23))).to(tl.float32, bitcast=True)  # 2^(23 - POS) + n
+    return f - ((1 << (23 - POS)) + 8)
 
 
 # ---------------------------------------------------------------- the launcher
@@ -408,14 +573,17 @@ def lowbit_gemm(
     x_scale: Tensor | None = None, bias: Tensor | None = None, act: str = "none",
     out_dtype: torch.dtype | None = None, config: triton.Config | None = None,
 ) -> Tensor:
-    """act((x @ dequant(w_q, scales)^T) * x_scale + bias) through `_lowbit_gemm_kernel`.
+    """act((x @ dequant(w_q, scales)^T) * x_scale + bias) through `_int4_gemv_kernel` (int4, up to
+    GEMV_MAX_ROWS rows of x) or `_lowbit_gemm_kernel` (the rest).
 
-    x: [..., K] float, or float8_e4m3fn with x_scale [..., 1] float32. w_q: int8 or
-    float8_e4m3fn [N, K] (bits 8) or packed int4 uint8 [N, K // 2] (bits 4); scales
+    x: [..., K] float, or float8_e4m3fn with x_scale [..., 1] float32 (8-bit weights only). w_q:
+    int8 or float8_e4m3fn [N, K] (bits 8) or packed int4 uint8 [N, K // 2] (bits 4); scales
     [N, K // group_size] (group_size == K: per output channel, the fp8 weight's [N] too).
     bias: [N] or None. Returns [..., N] in out_dtype (default x.dtype), contiguous. `config`:
-    that config instead of the autotuned one.
+    that config instead of the autotuned one (for int4, BLOCK_M <= GEMV_MAX_ROWS picks the GEMV).
     """
+    if bits == 4 and x_scale is not None:
+        raise ValueError("lowbit_gemm: x_scale goes with fp8 activations on 8-bit weights, not with int4 weights")
     n = w_q.shape[0]
     k = x.shape[-1]
     m = math.prod(x.shape[:-1])
@@ -425,27 +593,44 @@ def lowbit_gemm(
         return out.view(*x.shape[:-1], n)
     x2 = x.reshape(m, k).contiguous()  # [M, K]
     w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
+    if bits == 4:  # int32 words [N, K // 8]: rows of whole 16-byte blocks
+        aligned = w_q.stride(0) % 16 == 0 and w_q.storage_offset() % 16 == 0
+        w_q = w_q if aligned else w_q.clone(memory_format=torch.contiguous_format)  # K // 2 a multiple of 16
+        w_q = w_q.view(torch.int32)
     scales = scales.reshape(n, -1)  # [N, G]
     scales = scales if scales.stride(-1) == 1 else scales.contiguous()
+    m_bucket = _m_bucket(m)
+    bias_arg = out if bias is None else bias.contiguous()
+    pdl = pdl_enabled(x)
+    if bits == 4 and (m if config is None else config.kwargs["BLOCK_M"]) <= GEMV_MAX_ROWS:
+        if config is None and triton.knobs.runtime.interpret:
+            config = _INT4_GEMV_CONFIGS[m_bucket][0]  # the interpreter cannot time configs
+        # .fn: the heuristic (SUBS) under the autotuner, which derives from the config
+        kernel, meta = (_int4_gemv_kernel, {}) if config is None else (_int4_gemv_kernel.fn, config.all_kwargs())
+        kernel[_grid(m, n)](
+            x2, w_q, scales, bias_arg, out, m, n, k, m_bucket, INT4_MAGIC,
+            x2.stride(0), w_q.stride(0), scales.stride(0), out.stride(0),
+            GROUP_SIZE=group_size, HAS_BIAS=bias is not None, ACT=act, PDL=pdl, launch_pdl=pdl, **meta,
+        )
+        return out.view(*x.shape[:-1], n)
     pack = 8 // bits
     per_channel = group_size == k and bits == 8
-    m_bucket = _m_bucket(m)
     if config is None and triton.knobs.runtime.interpret:
         config = _configs_for_m_bucket([], {"M_BUCKET": m_bucket})[0]  # the interpreter cannot time configs
     # .fn: the heuristics (SUB_BYTES, SUBS) under the autotuner, which derive from the config
     kernel, meta = (_lowbit_gemm_kernel, {}) if config is None else (_lowbit_gemm_kernel.fn, config.all_kwargs())
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    kernel[grid](
-        x2, w_q, scales, out if x_scale is None else x_scale.reshape(m).float().contiguous(),
-        out if bias is None else bias.contiguous(), out,
+    kernel[_grid(m, n)](
+        x2, w_q, scales, out if x_scale is None else x_scale.reshape(m).float().contiguous(), bias_arg, out,
         m, n, k, k // pack, m_bucket,
         x2.stride(0), w_q.stride(0), scales.stride(0), out.stride(0),
         PACK=pack, PER_CHANNEL=per_channel, GROUP_SIZE=0 if per_channel else group_size,
         HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, ACT=act,
         DOT_DTYPE=_DOT_DTYPES[x.dtype], DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
-        **meta,
+        PDL=pdl, launch_pdl=pdl, **meta,
     )
     return out.view(*x.shape[:-1], n)
+
+
+def _grid(m: int, n: int):
+    """A launch grid: one program per (BLOCK_M rows of x, BLOCK_N rows of w) tile."""
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

@@ -56,16 +56,30 @@ def test_weights_on_the_grid_come_back_exactly(bits, group_size, k):
 
 
 def test_int4_byte_layout():
-    """Offset binary nibbles: byte j of a group holds weight j low and weight j + gs/2 high."""
-    gs, k = 32, 64
+    """Offset binary nibbles in blocks of 32 weights, 4 little-endian int32 words a block: nibble i
+    (bits 4i..4i+3) of word j holds weight 4i + j of the block, whatever the group size."""
+    k = 128
     q = torch.arange(k).remainder(15).float() - 7  # -7 .. 7
-    w_q, scales = W.pack_int4((q * 0.5).view(1, k), gs)
-    assert torch.equal(scales, torch.full((1, 2), 0.5))
-    nibbles = (q + 8).to(torch.uint8)
-    for group in range(2):
-        base = group * gs
-        expected = nibbles[base:base + gs // 2] | (nibbles[base + gs // 2:base + gs] << 4)
-        assert torch.equal(w_q[0, group * gs // 2:(group + 1) * gs // 2], expected)
+    for gs in (32, 64, 128):
+        w_q, scales = W.pack_int4((q * 0.5).view(1, k), gs)
+        assert w_q.shape == (1, k // 2) and torch.equal(scales, torch.full((1, k // gs), 0.5))
+        nibbles = (q + 8).long()
+        for block in range(k // 32):
+            for j in range(4):
+                byte = 16 * block + 4 * j
+                word = sum(int(w_q[0, byte + b]) << (8 * b) for b in range(4))  # little-endian
+                expected = sum(int(nibbles[32 * block + 4 * i + j]) << (4 * i) for i in range(8))
+                assert word == expected, (gs, block, j)
+
+
+def test_int4_words_read_back_on_this_machine():
+    """The kernels read w_q as int32 words (w_q.view(torch.int32)): the layout above holds for
+    that view too (little-endian)."""
+    q = torch.randint(-7, 8, (3, 64), generator=torch.Generator().manual_seed(5)).float()
+    w_q, _ = W.pack_int4(q, 32)
+    words = w_q.view(torch.int32).view(3, 2, 4).long() & 0xFFFFFFFF  # [N, block, j]
+    nibbles = torch.stack([(words >> (4 * i)) & 15 for i in range(8)], dim=-1)  # [N, block, j, i]
+    assert torch.equal(nibbles.permute(0, 1, 3, 2).reshape(3, 64).float() - 8, q)
 
 
 def test_zero_groups_get_scale_one():

@@ -1,12 +1,11 @@
 """wo_gemm_triton (lowbit_gemm on int8 / int4 weights) against wo_gemm_ref.
 
-Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py), whose tl.dot computes
-bfloat16 wrongly: bfloat16 is checked on the CUDA-core path (M <= 4), the tl.dot path (M >= 5)
-in float32 and float16. Both sides dequantize exactly and accumulate in float32, so they differ
-by summation order (float32: 1e-4) and one rounding of the output (16-bit: 1e-2). The GPU tests
-use Llama-3-8B decode shapes in bfloat16.
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), whose tl.dot computes
+bfloat16 wrongly: bfloat16 is checked on the CUDA-core paths (M <= 4: the int4 GEMV, the int8
+GEMV), the tl.dot path (M >= 5) in float32 and float16. Both sides dequantize exactly and
+accumulate in float32, so they differ by summation order (float32: 1e-4) and one rounding of the
+output (16-bit: 1e-2). The GPU tests use Llama-3-8B decode shapes in bfloat16.
 """
-
 import pytest
 import torch
 
@@ -54,24 +53,85 @@ def test_bias_and_activation_in_the_epilogue(act, m_shape, bits, group_size, k):
 
 
 UNIQUE_CONFIGS = list({str(c): c for c in [*sum(W._CONFIGS.values(), []), *W._GEMM_CONFIGS]}.values())
+INT4_GEMV_CONFIGS = list({str(c): c for c in sum(W._INT4_GEMV_CONFIGS.values(), [])}.values())
 
 
 @pytest.mark.parametrize("bits, group_size, k", [(8, 200, 200), (4, 128, 256)])
 @pytest.mark.parametrize("config", UNIQUE_CONFIGS, ids=str)
 def test_every_autotune_config(config, bits, group_size, k):
+    if bits == 4 and config.kwargs["BLOCK_M"] <= W.GEMV_MAX_ROWS:
+        pytest.skip("int4 takes these rows to the int4 GEMV, whose configs are tested below")
     x, w_q, scales = wo_inputs(bits, group_size, k, (config.kwargs["BLOCK_M"] + 1,), n=36)
     out = W.lowbit_gemm(x, w_q, scales, bits, group_size, config=config)
     assert_close_to_ref(out, x, w_q, scales, bits, group_size)
 
 
+@pytest.mark.parametrize("config", INT4_GEMV_CONFIGS, ids=str)
+def test_every_int4_gemv_config(config):
+    """Two row tiles of x, two or more of w (N = 9, odd), 3 groups of 64: steps of one group."""
+    x, w_q, scales = wo_inputs(4, 64, 192, (config.kwargs["BLOCK_M"] + 1,), n=9)
+    out = W.lowbit_gemm(x, w_q, scales, 4, 64, config=config)
+    assert_close_to_ref(out, x, w_q, scales, 4, 64)
+
+
+# (group_size, K): steps cut to divide the groups (7 groups of 32: one a step; 6 of 64: two; 3 of
+# 128), one group wider than a step (1024), and groups of 32 filling a 512-byte step (32 of them).
+INT4_SHAPES = [(32, 224), (64, 384), (128, 384), (1024, 2048), (32, 1024)]
+
+
+@pytest.mark.parametrize("dtype, m", [(torch.bfloat16, m) for m in (1, 2, 3, 4)] +
+                         [(torch.float32, 1), (torch.float32, 4), (torch.float16, 2)])
+@pytest.mark.parametrize("group_size, k", INT4_SHAPES)
+def test_int4_gemv_matches_ref(dtype, m, group_size, k):
+    x, w_q, scales = wo_inputs(4, group_size, k, (m,), n=11, dtype=dtype, seed=m)
+    assert_close_to_ref(W.wo_gemm_triton(x, w_q, scales, 4, group_size), x, w_q, scales, 4, group_size)
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_int4_gemv_bias_and_activation(act, m):
+    x, w_q, scales = wo_inputs(4, 64, 384, (m,), n=21, dtype=torch.bfloat16)
+    bias = torch.randn(21, generator=torch.Generator().manual_seed(2)).bfloat16()
+    out = W.wo_gemm_triton(x, w_q, scales, 4, 64, bias, act)
+    expected = W.wo_gemm_ref(x.float(), w_q, scales, 4, 64, bias, act).bfloat16()
+    torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_int4_gemv_steps_divide_the_groups():
+    """SUBS: the groups of BLOCK_KB bytes, halved until they divide a row's groups."""
+    subs = lambda k, gs, kb: W._int4_subs_per_step({"K": k, "GROUP_SIZE": gs, "BLOCK_KB": kb})  # noqa: E731
+    assert subs(4096, 128, 512) == 8 and subs(4096, 128, 2048) == 32
+    assert subs(14336, 128, 1024) == 16 and subs(14336, 128, 2048) == 16  # 112 groups
+    assert subs(224, 32, 512) == 1 and subs(384, 64, 512) == 2  # 7 groups; 6 groups
+    assert subs(2048, 1024, 512) == 1  # a group is wider than a step
+
+
+def test_int4_words_need_not_be_aligned():
+    """A w_q view whose rows do not start on 16 bytes is copied before being read as words."""
+    x, w_q, scales = wo_inputs(4, 32, 96, (2,), n=6)
+    padded = torch.zeros(6 * 48 + 3, dtype=torch.uint8)
+    w_odd = padded[3:].view(6, 48)  # storage offset 3
+    w_odd.copy_(w_q)
+    assert_close_to_ref(W.wo_gemm_triton(x, w_odd, scales, 4, 32), x, w_odd, scales, 4, 32)
+
+
+def test_int4_takes_no_x_scale():
+    x, w_q, scales = wo_inputs(4, 32, 96, (2,))
+    with pytest.raises(ValueError, match="lowbit_gemm: x_scale goes with fp8 activations"):
+        W.lowbit_gemm(x, w_q, scales, 4, 32, x_scale=torch.ones(2, 1))
+
+
 # Steps of 32 bytes: several whole steps and a remainder per channel (K = 150), several groups
-# per step and a step short of groups (int4: 7 groups of 32, 2 per step; int8: 7 of 32, 1 per step).
+# per step and a step short of groups (int8: 7 groups of 32, 1 per step); int4's GEMV cuts its
+# steps of 2 groups to 1 (7 groups).
 SMALL_STEPS = [W._config(2, 4, 32, 1), W._config(16, 16, 32, 1, 1)]
 
 
 @pytest.mark.parametrize("config", SMALL_STEPS, ids=str)
 @pytest.mark.parametrize("bits, group_size, k", [(8, 150, 150), (8, 32, 224), (4, 32, 224)])
 def test_steps_and_remainder(config, bits, group_size, k):
+    if bits == 4 and config.kwargs["BLOCK_M"] <= W.GEMV_MAX_ROWS:
+        config = W._int4_config(2, 4, 32, 1, True)
     x, w_q, scales = wo_inputs(bits, group_size, k, (config.kwargs["BLOCK_M"] + 1,), n=37)  # two row tiles
     out = W.lowbit_gemm(x, w_q, scales, bits, group_size, config=config)
     assert_close_to_ref(out, x, w_q, scales, bits, group_size)
@@ -85,6 +145,16 @@ def test_dot_tiles_at_a_few_rows(dtype, bits, group_size, k):
     out = W.lowbit_gemm(x, w_q, scales, bits, group_size, config=W._CONFIGS[4][-1])
     assert W._CONFIGS[4][-1].kwargs["BLOCK_M"] == 16
     assert_close_to_ref(out, x, w_q, scales, bits, group_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group_size, k", [(256, 512), (1024, 1024)])
+def test_int4_dot_tiles_split_wide_groups(dtype, group_size, k):
+    """tl.dot takes an int4 group wider than 128 weights in steps of 128, each scaled by its group's scale."""
+    x, w_q, scales = wo_inputs(4, group_size, k, (5,), n=20, dtype=dtype)
+    for config in (W._DOT_DECODE[0], W._GEMM_CONFIGS[0]):
+        out = W.lowbit_gemm(x, w_q, scales, 4, group_size, config=config)
+        assert_close_to_ref(out, x, w_q, scales, 4, group_size)
 
 
 def test_strided_x_and_no_tokens():
@@ -151,3 +221,21 @@ def test_bias_and_activation_on_gpu(bits, group_size):
         out = W.wo_gemm(x[:m], w_q, scales, bits, group_size, bias, "silu")
         expected = W.wo_gemm_ref(x[:m], w_q, scales, bits, group_size, bias, "silu")
         assert relative_error(out, expected) < 1e-2, m
+
+
+@pytest.fixture(scope="module")
+def llama_down_int4():
+    """Llama-3-8B's down projection in int4 (112 groups of 128 a row) and 4 rows of x, on the GPU."""
+    return wo_inputs(4, 128, 14336, (4,), n=4096, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", INT4_GEMV_CONFIGS, ids=str)
+def test_every_int4_gemv_config_on_gpu(config, llama_down_int4):
+    """Each config of the int4 GEMV at its own rows and one fewer (a row tile wrapping around);
+    steps of 2048 bytes are cut to 16 groups (SUBS divides 112)."""
+    x, w_q, scales = llama_down_int4
+    expected = W.wo_gemm_ref(x, w_q, scales, 4, 128)
+    for m in {config.kwargs["BLOCK_M"], max(1, config.kwargs["BLOCK_M"] - 1)}:
+        out = W.lowbit_gemm(x[:m], w_q, scales, 4, 128, config=config)
+        assert relative_error(out, expected[:m]) < 1e-2, m
