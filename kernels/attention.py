@@ -9,6 +9,9 @@ Visibility: with `causal`, key j is visible to query i iff j <= i, and with a sl
 W > 0 also i - j < W (Hugging Face's sliding window); without `causal` every key is visible.
 GQA: query head h reads kv head h // (H // Hkv).
 
+`trtllm::rope_cached_attention` is `cached_attention` of q and k rotated by `trtllm::rope` (the
+keys enter the cache rotated): one op, so that a small decode step's attention is one GPU kernel.
+
 The paged cache of one layer is `[num_blocks, 2, Hkv, block_size, D]` (index 0 = K, 1 = V);
 position p of sequence b lives in block `block_tables[b][p // block_size]` at offset
 `p % block_size`, i.e. at slot `block_id * block_size + offset` (DESIGN.md §5).
@@ -22,6 +25,8 @@ import torch
 from torch import Tensor
 
 from . import attention_triton as _triton
+from . import rope as _rope
+from .rope import rope_ref
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields with == is ambiguous
@@ -399,6 +404,110 @@ def cached_attention(
         q, k, v, kv_cache, m.cu_seqlens_q, m.seq_lens_kv, m.block_tables, m.slot_mapping,
         int(layer_idx), float(scale), bool(causal), int(sliding_window), float(softcap),
     )
+
+
+# ---------------------------------------------------------------- trtllm::rope_cached_attention
+
+
+def rope_cached_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    interleaved: bool,
+    kv_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    seq_lens_kv: Tensor,
+    block_tables: Tensor,
+    slot_mapping: Tensor,
+    layer_idx: int,
+    scale: float,
+    causal: bool,
+    sliding_window: int,
+    softcap: float,
+) -> Tensor:
+    """Plain-torch `trtllm::rope_cached_attention`: `rope_ref` of q and k, then
+    `cached_attention_ref`, the very composition the fusion pass replaces (the same ops on the
+    same values, so CPU engines give the same bits with or without the pass)."""
+    q_rot, k_rot = rope_ref(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None],
+                            sin[None], interleaved)  # [1, H(kv), T, D]
+    return cached_attention_ref(
+        q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1), v, kv_cache, cu_seqlens_q,
+        seq_lens_kv, block_tables, slot_mapping, layer_idx, scale, causal, sliding_window, softcap,
+    )
+
+
+_rope_cached_attention_op = torch.library.custom_op(
+    "trtllm::rope_cached_attention", rope_cached_attention_ref, mutates_args=("kv_cache",)
+)
+
+
+@_rope_cached_attention_op.register_fake
+def _rope_cached_attention_fake(q, k, v, cos, sin, interleaved, kv_cache, *args):
+    return q.new_empty(q.shape)  # [T, H, D]
+
+
+@_rope_cached_attention_op.register_kernel("cuda")
+def _rope_cached_attention_cuda(q, k, v, cos, sin, *args):
+    fits = _triton.fits(q) and _rope.fits(q, k, cos, sin)
+    impl = _triton.rope_cached_attention_triton if fits else rope_cached_attention_ref
+    return impl(q, k, v, cos, sin, *args)
+
+
+def rope_cached_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    kv_cache: Tensor,
+    metadata: AttentionMetadata,
+    layer_idx: int,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int = -1,
+    softcap: float = 0.0,
+    interleaved: bool = False,
+) -> Tensor:
+    """`cached_attention` of q and k rotated by `rope`: the keys go into the cache rotated.
+
+    q' = rope(q), k' = rope(k) with each token's cos, sin (module docstring of kernels/rope.py;
+    interleaved: GPT-J pairs), then `cached_attention(q', k', v, kv_cache, metadata, ...)`.
+    On the GPU a step of few decodes (a split decode: small batches) runs as one kernel.
+
+    q: [T, H, D]; k, v: [T, Hkv, D]; cos, sin: [T, Drot] with Drot even and at most D;
+    kv_cache: [num_blocks, 2, Hkv, block_size, D] (mutated). Returns [T, H, D] in q.dtype.
+    """
+    _check_qkv("rope_cached_attention", q, k, v, "[T, H, D]")
+    _check_cache_and_metadata(q, k, kv_cache, metadata)
+    _check_cos_sin(q, k, cos, sin)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    m = metadata
+    return torch.ops.trtllm.rope_cached_attention(
+        q, k, v, cos, sin, bool(interleaved), kv_cache, m.cu_seqlens_q, m.seq_lens_kv,
+        m.block_tables, m.slot_mapping, int(layer_idx), float(scale), bool(causal),
+        int(sliding_window), float(softcap),
+    )
+
+
+def _check_cos_sin(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"rope_cached_attention: cos and sin must both be [T, Drot] = [{q.shape[0]}, Drot] "
+            f"for q {tuple(q.shape)}, got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+        )
+    rot_dim = cos.shape[-1]
+    if rot_dim == 0 or rot_dim % 2 or rot_dim > q.shape[-1]:
+        raise ValueError(
+            f"rope_cached_attention: the rotary dim Drot={rot_dim} of cos {tuple(cos.shape)} "
+            f"must be even, positive and at most the head dim of q {tuple(q.shape)}"
+        )
+    if not all(t.is_floating_point() for t in (q, k, cos, sin)):
+        raise ValueError(
+            f"rope_cached_attention: q, k, cos and sin must be floating, got {q.dtype}, "
+            f"{k.dtype}, {cos.dtype}, {sin.dtype}"
+        )
 
 
 def _check_cache_and_metadata(

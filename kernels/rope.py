@@ -16,6 +16,8 @@ equals HF bit for bit; the arithmetic runs in the promoted dtype of its inputs.
 On CUDA tensors the op runs a Triton kernel (`rope_triton`, registered as its CUDA kernel): one
 program per token rotates every head of q and k, reading q and k through their strides, and
 rounds each product and sum as eager does, so it matches the reference bit for bit too.
+`rope_rows` is the same formula for other kernels to inline: the decode kernel of
+`trtllm::rope_cached_attention` rotates q and the new key with it (kernels/attention_triton.py).
 """
 
 from __future__ import annotations
@@ -129,6 +131,44 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def rope_rows(row_ptrs, rows_ok, cos_ptr, sin_ptr, head_dim, rot_dim, COMPUTE: tl.constexpr,
+              INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [R, 1] of pointers to heads (each head_dim long, unit stride) read and rotated by one
+    token's cos/sin rows, as a [R, BLOCK_D] tile in the natural layout for kernels that go on
+    to use it (the decode kernel's q and new key); zeros where not rows_ok or past head_dim.
+
+    Each element d < Drot pairs with p(d) (d ^ 1 if INTERLEAVED, else d +- Drot/2) and
+    becomes t_d c_d + sign(d) t_p(d) s_d, sign -1 on the first of each pair: the formula of
+    `_rope_heads`, with each product and the sum rounded to COMPUTE as there, so that the
+    two give the same bits (negation and round-to-nearest commute)."""
+    d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+    rot = d < rot_dim
+    if INTERLEAVED:
+        partner = d ^ 1
+        first = d % 2 == 0
+    else:
+        first = d < rot_dim // 2
+        partner = tl.where(first, d + rot_dim // 2, d - rot_dim // 2)
+    t = tl.load(row_ptrs + d, mask=rows_ok & (d < head_dim), other=0.0)  # [R, BLOCK_D]
+    t_p = tl.load(row_ptrs + partner, mask=rows_ok & rot, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptr + d, mask=rot, other=0.0).to(tl.float32)  # [1, BLOCK_D]
+    s = tl.load(sin_ptr + d, mask=rot, other=0.0).to(tl.float32)
+    s = tl.where(first, -s, s)
+    out = _round(_round(t.to(tl.float32) * c, COMPUTE) + _round(t_p * s, COMPUTE), COMPUTE)
+    return tl.where(rot, out.to(t.dtype), t)
+
+
+def compute_dtype(t: Tensor, cos: Tensor, sin: Tensor) -> tl.dtype:
+    """The dtype eager rounds t * cos + rotate(t) * sin to: promote(t, cos, sin)."""
+    return _TL_DTYPES[torch.promote_types(torch.promote_types(t.dtype, cos.dtype), sin.dtype)]
+
+
+def fits(*tensors: Tensor) -> bool:
+    """Whether the Triton kernels take these dtypes (float64 and the like run the reference)."""
+    return all(t.dtype in _TL_DTYPES for t in tensors)
+
+
+@triton.jit
 def _rope_heads(
     src_ptr, stride_src_head, dst_ptr, stride_dst_head, num_heads, head_dim, rot_half,
     cos1, cos2, sin1, sin2,  # [1, BLOCK_HALF] float32, at the pair elements
@@ -191,12 +231,9 @@ def rope_triton(
     unit-stride costs a copy. Each product and sum is rounded to promote(t, cos, sin), which
     is eager's dtype for it when cos and sin share a dtype.
     """
-    if not all(t.dtype in _TL_DTYPES for t in (q, k, cos, sin)):
+    if not fits(q, k, cos, sin):
         return rope_ref(q, k, cos, sin, interleaved)  # float64 and the like
-    q_compute, k_compute = (
-        _TL_DTYPES[torch.promote_types(torch.promote_types(t.dtype, cos.dtype), sin.dtype)]
-        for t in (q, k)
-    )
+    q_compute, k_compute = compute_dtype(q, cos, sin), compute_dtype(k, cos, sin)
     q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
     (batch, num_q_heads, seq_len, q_dim), (_, num_k_heads, _, k_dim) = q.shape, k.shape
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, H, S, D]

@@ -1,4 +1,5 @@
-"""trtllm::attention and trtllm::cached_attention against a naive float64 reference.
+"""trtllm::attention and trtllm::cached_attention against a naive float64 reference, and
+trtllm::rope_cached_attention against the composition of rope and cached_attention it stands for.
 
 Inputs are float32 on CPU; outputs must match the float64 reference within atol = rtol = 1e-5
 (float32 accumulation over D = 8..16 and S <= 16 keys stays far below that).
@@ -12,6 +13,7 @@ import torch
 from torch._subclasses import FakeTensorMode
 
 import trtllm.kernels.attention as A
+import trtllm.kernels.rope as R
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -245,6 +247,63 @@ def test_cached_attention_rejects_bad_shapes():
         A.cached_attention(q[:2], k[:2], k[:2], new_cache(), meta, 0)
 
 
+# ---------------------------------------------------------------- rope_cached_attention
+
+
+def cos_sin(num_tokens, rot_dim, interleaved, seed=0):
+    """cos, sin [T, Drot] at random positions, halves repeated (neox) or pairs (GPT-J)."""
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.randint(0, 4096, (num_tokens, 1), generator=gen).float()
+    freqs = positions / 10000.0 ** (torch.arange(0, rot_dim, 2) / rot_dim)  # [T, Drot/2]
+    freqs = freqs.repeat_interleave(2, -1) if interleaved else torch.cat((freqs, freqs), -1)
+    return freqs.cos(), freqs.sin()
+
+
+@pytest.mark.parametrize("interleaved, rot_dim", [(False, D), (True, D), (False, 4)])
+def test_rope_cached_attention_is_rope_then_cached_attention(interleaved, rot_dim):
+    """The fused op against the two public ops it stands for, on the mixed batch: the same
+    output and the same cache (the new keys enter it rotated), bit for bit."""
+    seqs = mixed_batch_setup()
+    cache = new_cache()
+    write_history(cache, seqs)
+    q, meta, _ = run_mixed_step(cache.clone(), seqs)
+    k, v = torch.randn(q.shape[0], HKV, D), torch.randn(q.shape[0], HKV, D)
+    cos, sin = cos_sin(q.shape[0], rot_dim, interleaved)
+    fused_cache, plain_cache = cache.clone(), cache.clone()
+    out = A.rope_cached_attention(q, k, v, cos, sin, fused_cache, meta, 2, scale=0.3,
+                                  interleaved=interleaved)
+    q_rot, k_rot = R.rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None],
+                          sin[None], interleaved)  # [1, H(kv), T, D]
+    expected = A.cached_attention(q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1), v,
+                                  plain_cache, meta, 2, scale=0.3)
+    assert torch.equal(out, expected)
+    assert_same_cache(fused_cache, plain_cache)
+    slot = int(meta.slot_mapping[0])  # the first new token, rotated in the cache
+    assert torch.equal(fused_cache[slot // BLOCK_SIZE, 0, :, slot % BLOCK_SIZE], k_rot[0, :, 0])
+    assert not torch.equal(k_rot[0, :, 0], k[0])
+
+
+@pytest.mark.parametrize(
+    "cos_shape, sin_shape, match",
+    [
+        ((6, 8), (6, 4), "cos and sin must both be"),
+        ((5, 8), (5, 8), r"\[T, Drot\] = \[6, Drot\]"),
+        ((1, 6, 8), (1, 6, 8), "must both be"),
+        ((6, 3), (6, 3), "must be even"),
+        ((6, 10), (6, 10), "at most the head dim"),
+    ],
+)
+def test_rope_cached_attention_rejects_bad_cos_sin(cos_shape, sin_shape, match):
+    meta = A.AttentionMetadata.build([5, 1], [5, 3], [[1, 2], [3]], BLOCK_SIZE, "cpu")
+    q, k = torch.randn(6, H, D), torch.randn(6, HKV, D)
+    with pytest.raises(ValueError, match=match):
+        A.rope_cached_attention(q, k, k, torch.randn(cos_shape), torch.randn(sin_shape),
+                                new_cache(), meta, 0)
+    with pytest.raises(ValueError, match="floating"):
+        A.rope_cached_attention(q, k, k, torch.ones(6, 8, dtype=torch.int32),
+                                torch.ones(6, 8, dtype=torch.int32), new_cache(), meta, 0)
+
+
 # ---------------------------------------------------------------- op registration
 
 
@@ -269,6 +328,19 @@ def test_opcheck_cached_attention():
     torch.library.opcheck(torch.ops.trtllm.cached_attention.default, args)
 
 
+def test_opcheck_rope_cached_attention():
+    meta = A.AttentionMetadata.build([3, 1, 1], [5, 1, 6], [[4, 2], [7], [0, 1]], 4, "cpu")
+    cos, sin = cos_sin(6, D, False)
+    args = (
+        torch.randn(6, H, D), torch.randn(6, HKV, D), torch.randn(6, HKV, D), cos, sin, False,
+        torch.randn(NUM_BLOCKS, 2, HKV, BLOCK_SIZE, D),
+        meta.cu_seqlens_q, meta.seq_lens_kv, meta.block_tables,
+        torch.cat([meta.slot_mapping, torch.tensor([-1])]),
+        0, 0.3, True, -1, 0.0,
+    )
+    torch.library.opcheck(torch.ops.trtllm.rope_cached_attention.default, args)
+
+
 def test_fake_kernels_under_fake_tensor_mode():
     meta = A.AttentionMetadata.build([3, 1], [5, 2], [[4, 2], [7]], BLOCK_SIZE, "cpu")
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
@@ -282,6 +354,9 @@ def test_fake_kernels_under_fake_tensor_mode():
         q, k = torch.empty(4, H, D, dtype=torch.float16), torch.empty(4, HKV, D)
         cache = torch.empty(NUM_BLOCKS, 2, HKV, BLOCK_SIZE, D)
         out = A.cached_attention(q, k, k, cache, fake_meta, layer_idx=1)
+        assert out.shape == (4, H, D) and out.dtype == torch.float16
+        cos = torch.empty(4, D)
+        out = A.rope_cached_attention(q, k, k, cos, cos, cache, fake_meta, layer_idx=1)
         assert out.shape == (4, H, D) and out.dtype == torch.float16
 
 
