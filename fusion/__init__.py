@@ -4,7 +4,7 @@ Each pass is `GraphModule -> int` (rewrites made, the graph changed in place) in
 `pipeline(patterns)` is the list a compile runs:
 
     canonicalize  ->  user patterns  ->  fuse  ->  [quantize]  ->  gather_logits  ->  insert_kv_cache
-                  ->  rope_attention  ->  [decode_gemv]
+                  ->  [decode_gemv]
 
 quantize runs only for a quantized dtype ("fp8", "int8", "int4"); decode_gemv only on request,
 `TRTLLM_DECODE_FUSION=1` (norms) or `=all` (gated activations too).
@@ -37,7 +37,6 @@ from .norms import canonicalize_layernorm, canonicalize_rmsnorm
 from .pattern import Match, Pattern
 from .quantize import quantize_linears
 from .rope import canonicalize_rope
-from .rope_attention import fuse_rope_attention
 
 __all__ = ["Match", "Pattern", "PassReport", "pipeline", "register", "registered", "run_passes", "unregister"]
 
@@ -68,7 +67,6 @@ QUANTIZE: dict[str, tuple[tuple[str, Pass], ...]] = {
 STEP: tuple[tuple[str, Pass], ...] = (
     ("gather_logits", gather_logits),
     ("insert_kv_cache", insert_kv_cache),
-    ("rope_attention", fuse_rope_attention),  # rope -> cached_attention: one op (a small decode step's attention is one kernel)
 )
 # Last, on the step graph, by TRTLLM_DECODE_FUSION (kernels/envs.py): norms (and gated
 # activations) into the linear after them, for the decode GEMV's prologue (their kernels and

@@ -37,9 +37,7 @@ def test_no_arithmetic_left_outside_fused_ops(arch, dtype):
     c = counts(gm)
     for op in LEFTOVERS:
         assert c.get(op, 0) == 0, f"{arch}: {c.get(op)} x {op} left"
-    # rope and the attention after it are one op where the model has rope (fusion/rope_attention.py)
-    attention = trtllm_ops.cached_attention if arch == "gpt2" else trtllm_ops.rope_cached_attention
-    assert c.get(attention.default) == layers
+    assert c.get(trtllm_ops.cached_attention.default) == layers
     assert c.get(trtllm_ops.attention.default, 0) == 0
     # A norm fused into the linear after it (fusion/decode_gemv.py) still counts as a norm.
     norms = sum(c.get(op.default, 0) for op in (
@@ -48,7 +46,7 @@ def test_no_arithmetic_left_outside_fused_ops(arch, dtype):
     per_layer = 4 if arch == "gemma2" else 2  # Gemma-2 has pre and post norms around both blocks
     assert norms == per_layer * layers + 1, f"{arch}: {norms} norm ops"
     if arch != "gpt2":
-        assert c.get(trtllm_ops.rope.default, 0) == 0
+        assert c.get(trtllm_ops.rope.default) == layers
         gated = (trtllm_ops.silu_mul, trtllm_ops.gelu_mul, trtllm_ops.act_mul_linear)
         assert sum(c.get(op.default, 0) for op in gated) == layers
 
