@@ -108,6 +108,7 @@ def _cuda_impls() -> dict:
     kernels = {
         ops.attention.default: attention._attention_cuda,
         ops.cached_attention.default: attention._cached_attention_cuda,
+        ops.rope_cached_attention.default: attention._rope_cached_attention_cuda,
         ops.rmsnorm.default: norm.rmsnorm_triton,
         ops.add_rmsnorm.default: norm.add_rmsnorm_triton,
         ops.gemma_rmsnorm.default: norm.gemma_rmsnorm_triton,
