@@ -225,10 +225,21 @@ def test_greedy_bursts_take_the_argmax_inside_the_step():
               trtllm.SamplingParams(max_new_tokens=9, ignore_eos=True),  # 23 + 9 = max_seq_len
               trtllm.SamplingParams(max_new_tokens=17, ignore_eos=True)]
     prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[4]]
+    hosts, launched = [], llm.runtime._launched
+
+    def spy(*args):
+        burst = launched(*args)
+        hosts.append(burst.host_tokens)
+        return burst
+
+    llm.runtime._launched = spy
     outputs = llm.generate(prompts, params)
     assert outputs[0].token_ids == greedy[: greedy.index(stop) + 1]
     assert outputs[1].token_ids == _hf(model, PROMPTS[2], 9) and outputs[2].token_ids == _hf(model, PROMPTS[4], 17)
     assert samplers and all(s is GREEDY for s in samplers) and resumed, "chained greedy bursts were meant to run"
+    # a burst's tokens land contiguous on the host: a copy into a strided slice of pinned memory
+    # is synchronous on a GPU, and the host would wait for every burst
+    assert hosts and all(h.is_contiguous() for h in hosts) and any(h.shape[1] < 4 for h in hosts)
     assert llm.runtime.scheduler.num_free_blocks == llm.runtime.pool.num_blocks
 
 
