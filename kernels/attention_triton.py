@@ -2,8 +2,8 @@
 `trtllm::rope_cached_attention` (attention.py holds the ops, their formulas and torch
 references; this file only makes them fast on the GPU).
 
-Three kernels, none of which needs a host copy of the step's metadata (so a step never waits
-on the GPU, and CUDA graphs can capture it):
+Three kernels, launched from here, none of which needs a host copy of the step's metadata (so
+a step never waits on the GPU, and CUDA graphs can capture it):
 
 - `_write_kv_kernel`: new k, v -> their cache slots (slot < 0: skipped).
 - `_prefill_kernel`: FlashAttention over packed variable-length sequences. One program takes
@@ -11,23 +11,15 @@ on the GPU, and CUDA graphs can capture it):
   the paged cache (the part a chunked prefill computed in earlier steps), then the sequence's
   new keys straight from k, v. Programs find their sequence by binary search over cu_seqlens_q,
   so the grid, `T // BLOCK_M + B` query blocks, is known without reading the lengths.
-- `_decode_kernel`: sequences with one new token. One program takes one KV head and all G
-  query heads that read it (GQA: each key is loaded once), over one of num_splits slices of the
-  context (flash-decoding), so that few long sequences still fill the GPU. Each slice writes its
-  partial softmax and counts its arrival on a per-(sequence, KV head) counter; the last slice
-  to arrive merges them and resets the counter, so there is no combine launch (the separate
-  `_combine_kernel` remains, behind TRTLLM_DECODE_ATTENTION_FUSION=0). For
-  `rope_cached_attention` on a step of few decodes (a split decode), the same kernel also
-  rotates q and the new key and writes the new k, v to the cache: the step's attention is
-  one launch, not four.
+- `_decode_kernel` (attention_decode.py): sequences with one new token, flash-decoding over
+  context slices that combine their own partial results; with rope for
+  `rope_cached_attention` on a split decode, the step's whole attention in one launch.
 
+The online-softmax step and the paged-cache tile load they share are in attention_tiles.py.
 Both attention kernels compute in float32 with exp2: p = 2^(s * log2(e) - m).
 """
 
 from __future__ import annotations
-
-import math
-from typing import NamedTuple
 
 import torch
 import triton
@@ -36,12 +28,19 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import envs
+from .attention_decode import NewTokens, _decode, _decode_splits
+from .attention_tiles import (
+    LOG2E,
+    _block_d,
+    _last_dim_contiguous,
+    _load_paged_kv,
+    _online_softmax_step,
+    _precision,
+    _scores,
+)
 from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
-from .rope import compute_dtype, rope_rows, rope_triton
-
-LOG2E = math.log2(math.e)
-
+from .rope import rope_triton
 
 # ---------------------------------------------------------------- KV-cache write
 
@@ -90,61 +89,6 @@ def write_kv_triton(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor
         HKV=num_kv_heads, D=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl,
     )
-
-
-# ---------------------------------------------------------------- shared softmax step
-
-
-@triton.jit
-def _scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """q [M, D] . k [N, D] -> (s [M, N], f): the logits in log2 units are s * f. Without
-    SOFTCAP s is the raw product and f = qk_scale (= scale * log2(e)), so the softmax step
-    folds the scale into one FMA; with it, s = c * tanh(scale * q.k / c) in log2 units, f = 1."""
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-    return _cap(s, qk_scale, softcap, SOFTCAP)
-
-
-@triton.jit
-def _cap(s, qk_scale, softcap, SOFTCAP: tl.constexpr):
-    """Raw products s -> (s', f) with the logits in log2 units s' * f (see `_scores`)."""
-    if SOFTCAP:
-        x = s * (qk_scale / (softcap * 1.4426950408889634))  # natural units, over c
-        e = tl.exp(-2.0 * tl.abs(x))
-        tanh = tl.where(x >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
-        return tanh * (softcap * 1.4426950408889634), 1.0
-    return s, qk_scale
-
-
-@triton.jit
-def _online_softmax_step(acc, l_i, m_i, s, f, v, visible, PRECISION: tl.constexpr):
-    """Fold one block of logits s * f [M, N] (log2 units, f > 0) and values v [N, D] into the
-    running max m_i [M], sum l_i [M] and output acc [M, D]. Masked entries contribute
-    nothing; a row with nothing visible yet keeps m_i = -inf without producing NaN.
-    visible=None: all are."""
-    if visible is not None:
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * f)  # [M]
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)  # [M]; exp2(-inf) = 0 for rows starting out
-    p = tl.exp2(s * f - m_safe[:, None])  # [M, N]
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _load_paged_kv(cache_ptr, table_ptr, n, valid, kvh, block_size, stride_cb, stride_ckv,
-                   stride_ch, stride_cp, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """K and V [N, D] of key positions n [N] of one sequence (block table at table_ptr) and
-    KV head from the paged cache; zeros where not `valid` (never-written slots may hold NaN)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    block_ids = tl.load(table_ptr + n // block_size, mask=valid, other=0)  # [N]
-    base = cache_ptr + block_ids.to(tl.int64) * stride_cb + kvh * stride_ch \
-        + (n % block_size) * stride_cp  # [N]
-    mask = valid[:, None] & (offs_d < D)[None, :]
-    k = tl.load(base[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    v = tl.load(base[:, None] + stride_ckv + offs_d[None, :], mask=mask, other=0.0)
-    return k, v
 
 
 # ---------------------------------------------------------------- prefill
@@ -300,229 +244,7 @@ def _prefill_kernel(
     )
 
 
-# ---------------------------------------------------------------- decode
-
-
-@triton.jit
-def _new_token_kv(k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, row, kvh, ctx, start, end,
-                  rot_dim, block_size, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
-                  stride_sin, stride_cb, stride_ckv, stride_ch, stride_cp, D: tl.constexpr,
-                  BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """The decode token's key (rotated) and value of one KV head, [1, BLOCK_D] each in the
-    cache dtype. The program whose slice [start, end) holds its position ctx - 1 writes them
-    to the token's cache slot. Returns (position, k, v): position -1 where the slot is < 0
-    (nothing written: the attention reads the cache there, as after a separate write)."""
-    offs_d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
-    one = tl.full([1, 1], 1, tl.int1)
-    k = rope_rows(k_ptr + row * stride_kt + kvh * stride_kh + tl.zeros([1, 1], tl.int64), one,
-                  cos_ptr + row * stride_cos, sin_ptr + row * stride_sin, D, rot_dim, COMPUTE,
-                  INTERLEAVED, BLOCK_D)  # [1, BLOCK_D] in k's dtype
-    v = tl.load(v_ptr + row * stride_vt + kvh * stride_vh + offs_d, mask=offs_d < D, other=0.0)
-    k = k.to(cache_ptr.dtype.element_ty)
-    v = v.to(cache_ptr.dtype.element_ty)
-    slot = tl.load(slot_ptr + row)
-    owner = (start <= ctx - 1) & (ctx - 1 < end)
-    dst = cache_ptr + (slot // block_size) * stride_cb + kvh * stride_ch \
-        + (slot % block_size) * stride_cp + offs_d
-    mask = (offs_d < D) & owner & (slot >= 0)
-    tl.store(dst, k, mask=mask)
-    tl.store(dst + stride_ckv, v, mask=mask)
-    return tl.where(slot >= 0, ctx - 1, -1), k, v
-
-
-@triton.jit
-def _fold_new_key(acc, l_i, m_i, q, k, v, use, qk_scale, softcap, SOFTCAP: tl.constexpr):
-    """`_online_softmax_step` for one key k [1, D] and value v [1, D] held in registers (where
-    `use`), without tl.dot: the same roundings (k and v in q's dtype, p rounded to it before
-    the product), its sums in another order."""
-    qf = q.to(tl.float32)  # [G, D]
-    s = tl.sum(qf * k.to(q.dtype).to(tl.float32), 1)  # [G]
-    s, f = _cap(s, qk_scale, softcap, SOFTCAP)
-    logit = tl.where(use, s * f, float("-inf"))
-    m_new = tl.maximum(m_i, logit)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(logit - m_safe)  # [G]; 0 unless `use`
-    l_i = l_i * alpha + p
-    p = p.to(q.dtype).to(tl.float32)
-    acc = acc * alpha[:, None] + p[:, None] * v.to(q.dtype).to(tl.float32)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _combine_splits(out_ptr, part_ptr, stats_ptr, b, kvh, row, num_splits, num_active,
-                    stride_ot, stride_oh, GROUP: tl.constexpr, G2: tl.constexpr, D: tl.constexpr,
-                    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
-    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the active splits s of the
-    G query heads of KV head kvh, CHUNK splits per load (one L2 round trip each; a chunk's
-    [G, CHUNK, D] partials load at once). Loads bypass L1 (.cg): other programs wrote the
-    partials, and this SM's L1 may hold stale lines of the buffer."""
-    offs_g = tl.arange(0, G2)
-    g_ok = offs_g < GROUP
-    heads = kvh * GROUP + offs_g  # [G]
-    first = (b * (tl.num_programs(1) * GROUP) + heads) * num_splits  # [G] part row of split 0
-    offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    m_run = tl.full([G2], float("-inf"), tl.float32)
-    l_run = tl.zeros([G2], tl.float32)
-    acc = tl.zeros([G2, BLOCK_D], tl.float32)
-    for s0 in range(0, num_active, CHUNK):
-        rows = first[:, None] + s0 + offs_c[None, :]  # [G, C]
-        ok = g_ok[:, None] & (s0 + offs_c < num_active)[None, :]
-        m = tl.load(stats_ptr + rows * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(stats_ptr + rows * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
-        part = tl.load(part_ptr + rows[:, :, None] * BLOCK_D + offs_d[None, None, :],
-                       mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
-                       cache_modifier=".cg")  # [G, C, D]
-        m_new = tl.maximum(m_run, tl.max(m, 1))  # [G]
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - m_safe)  # [G]; 0 before the first chunk
-        w = tl.exp2(m - m_safe[:, None])  # [G, C]; 0 where masked
-        l_run = l_run * alpha + tl.sum(w * l, 1)
-        acc = acc * alpha[:, None] + tl.sum(part * w[:, :, None], 1)
-        m_run = m_new
-    out = acc / tl.where(l_run == 0.0, 1.0, l_run)[:, None]
-    tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _store_out(out_ptr, row, heads, stride_ot, stride_oh, acc, l_i, mask, BLOCK_D: tl.constexpr):
-    """out[row, heads] = acc / l (0 where nothing was visible)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# The number of splits is an argument, not a constant: each decode bucket has its own, and a
-# variant per value would cost a compile each while CUDA graphs are captured.
-@triton.jit(do_not_specialize=["stride_tb", "num_splits"])
-def _decode_kernel(
-    q_ptr, out_ptr, part_ptr, stats_ptr, counter_ptr, cache_ptr, cu_ptr, kv_lens_ptr, tables_ptr,
-    k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr,  # ROPE only: the new token's k, v, rope and slot
-    qk_scale, softcap, window, block_size, num_splits, rot_dim,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cb, stride_ckv, stride_ch, stride_cp, stride_tb,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, G2: tl.constexpr,
-    CHUNK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr,
-):
-    pdl_start(PDL)
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    row = tl.load(cu_ptr + b)
-    if tl.load(cu_ptr + b + 1) - row != 1:
-        return  # not a decode: the prefill kernel's (or an empty slot)
-    ctx = tl.load(kv_lens_ptr + b)
-    lo = 0
-    if WINDOW:
-        lo = tl.maximum(ctx - window, 0)
-    chunk = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
-    num_active = tl.cdiv(ctx - lo, chunk)  # splits with keys (the last ones may have none)
-    if FOLD and split >= num_active:
-        return  # nothing to add (the separate combine kernel reads every split's partials)
-    start = lo + split * chunk
-    end = tl.minimum(start + chunk, ctx)
-    offs_g = tl.arange(0, BLOCK_G)  # [G] query heads of this KV head
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < D
-    heads = kvh * GROUP + offs_g
-    g_ok = offs_g < GROUP
-    q_rows = q_ptr + row * stride_qt + heads[:, None] * stride_qh  # [G, 1]
-    cache_end = end  # the keys [start, cache_end) come from the cache
-    if ROPE:  # rotate q here, and take this step's key and value from k, v (see _new_token_kv)
-        q = rope_rows(q_rows, g_ok[:, None], cos_ptr + row * stride_cos,
-                      sin_ptr + row * stride_sin, D, rot_dim, COMPUTE, INTERLEAVED, BLOCK_D)
-        new_pos, k_new, v_new = _new_token_kv(
-            k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, row, kvh, ctx, start, end,
-            rot_dim, block_size, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
-            stride_sin, stride_cb, stride_ckv, stride_ch, stride_cp, D, BLOCK_D, COMPUTE,
-            INTERLEAVED)
-        # This program may be writing the new token's slot right now: the key at new_pos
-        # comes from registers after the loop, which stays the plain cache walk.
-        owns_new = (new_pos >= start) & (new_pos < end)
-        cache_end = tl.where(owns_new, new_pos, end)
-    else:
-        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :],
-                    other=0.0)  # [G, D]
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for n0 in range(start, cache_end, BLOCK_N):
-        n = n0 + offs_n  # [N] key positions
-        in_ctx = n < cache_end
-        k, v = _load_paged_kv(cache_ptr, tables_ptr + b * stride_tb, n, in_ctx, kvh, block_size,
-                              stride_cb, stride_ckv, stride_ch, stride_cp, D,
-                              BLOCK_D)  # [N, D] each
-        s, f = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s, f, v.to(q.dtype), in_ctx[None, :],
-                                             PRECISION)
-    if ROPE:
-        acc, l_i, m_i = _fold_new_key(acc, l_i, m_i, q, k_new, v_new, owns_new, qk_scale,
-                                      softcap, SOFTCAP)
-    out_mask = g_ok[:, None] & d_ok[None, :]
-    if not SPLIT:
-        _store_out(out_ptr, row, heads, stride_ot, stride_oh, acc, l_i, out_mask, BLOCK_D)
-    elif FOLD and num_active == 1:  # a short context: one split holds it all
-        _store_out(out_ptr, row, heads, stride_ot, stride_oh, acc, l_i, out_mask, BLOCK_D)
-    else:
-        # Partial results [B, H, num_splits, ...]: un-normalized acc, running max and sum.
-        part_row = (b * (tl.num_programs(1) * GROUP) + heads) * num_splits + split  # [G]
-        tl.store(part_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=out_mask)
-        tl.store(stats_ptr + part_row * 2, m_i, mask=g_ok)
-        tl.store(stats_ptr + part_row * 2 + 1, l_i, mask=g_ok)
-        if FOLD:
-            # The last of the active splits of (b, kvh) to arrive combines them. The barrier
-            # orders every thread's partial stores before the counter's release; the acquire
-            # makes the other splits' partials visible to this program.
-            tl.debug_barrier()
-            counter = counter_ptr + b * tl.num_programs(1) + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_active - 1:
-                _combine_splits(out_ptr, part_ptr, stats_ptr, b, kvh, row, num_splits,
-                                num_active, stride_ot, stride_oh, GROUP, G2, D, BLOCK_D, CHUNK)
-                tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graph replays)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _combine_kernel(
-    out_ptr, part_ptr, stats_ptr, cu_ptr, stride_ot, stride_oh, num_splits,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
-):
-    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits s: the combine
-    step in its own launch (TRTLLM_DECODE_ATTENTION_FUSION=0; otherwise `_combine_splits` does
-    it in the decode kernel)."""
-    pdl_start(PDL)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    row = tl.load(cu_ptr + b)
-    if tl.load(cu_ptr + b + 1) - row != 1:
-        return
-    offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < num_splits
-    offs_d = tl.arange(0, BLOCK_D)
-    part_row = (b * tl.num_programs(1) + h) * num_splits + offs_s  # [S]
-    m = tl.load(stats_ptr + part_row * 2, mask=s_ok, other=float("-inf"))  # [S]
-    l = tl.load(stats_ptr + part_row * 2 + 1, mask=s_ok, other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))  # [S]
-    acc = tl.load(part_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)  # [S, D]
-    total = tl.sum(w * l, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # [D]
-    tl.store(out_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < D)
-
-
 # ---------------------------------------------------------------- launchers
-
-
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 MAX_HEAD_DIM = 256  # larger heads would not fit a tile in registers
@@ -532,15 +254,6 @@ def fits(q: Tensor) -> bool:
     """Whether these kernels take q's head dim and dtype (else the torch reference runs)."""
     return q.shape[-1] <= MAX_HEAD_DIM and q.dtype in (torch.float16, torch.bfloat16,
                                                         torch.float32)
-
-
-def _precision(q: Tensor) -> str:
-    """float32 inputs get full-precision dots rather than Triton's default tf32."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs 16 on each side
 
 
 def _prefill_config(head_dim: int, max_q_len: int | None) -> tuple[int, int, int, int]:
@@ -554,20 +267,6 @@ def _prefill_config(head_dim: int, max_q_len: int | None) -> tuple[int, int, int
     if head_dim <= 128:
         return 128, 128, 8, 3
     return 64, 32, 4, 2
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, to exercise the combine step
-
-
-def _decode_splits(num_seqs: int, num_kv_heads: int, max_ctx: int, device: torch.device) -> int:
-    """Context slices per (sequence, KV head): enough programs for ~4 waves of the GPU, each
-    slice at least 256 keys long; a power of two, for the combine kernel's tile."""
-    want = triton.cdiv(4 * _num_sms(device), max(num_seqs * num_kv_heads, 1))
-    most = max(triton.cdiv(max_ctx, 256), 1)
-    return triton.next_power_of_2(max(min(want, most), 1))
 
 
 def _prefill(q, k, v, out, cu, kv_lens, cache, tables, num_seqs, max_q_len, *, batched, scale,
@@ -615,82 +314,6 @@ def _tma_fits(*tensors: Tensor) -> bool:
     return head_dim == _block_d(head_dim) and all(
         x.stride(1) == head_dim and x.data_ptr() % 16 == 0
         and (x.stride(0) * x.element_size()) % 16 == 0 for x in tensors)
-
-
-class NewTokens(NamedTuple):
-    """A decode step's new tokens, which the decode kernel rotates and writes to the cache."""
-
-    k: Tensor  # [T, Hkv, D], before rope
-    v: Tensor  # [T, Hkv, D]
-    cos: Tensor  # [T, Drot]
-    sin: Tensor  # [T, Drot]
-    slot_mapping: Tensor  # [T] int64, < 0: not written
-    interleaved: bool  # GPT-J pairs (2i, 2i + 1), else neox halves
-
-
-# Arrival counters of the folded split combine: one int32 per (sequence, KV head), per device,
-# kept for the life of the process. CUDA graphs capture their address, and each decode launch
-# leaves them at zero (the last split to arrive resets its counter), so decode launches on one
-# device must not run concurrently (steps do not). A larger batch gets a new buffer; the old
-# ones stay alive for the graphs that captured them.
-_counters: dict[torch.device, list[Tensor]] = {}
-
-
-def _arrival_counters(device: torch.device, size: int) -> Tensor:
-    buffers = _counters.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < size:
-        buffers.append(torch.zeros(max(size, 4096), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
-def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softcap,
-            new_tokens: NewTokens | None = None):
-    """Launch `_decode_kernel` over the decodes of the step (and `_combine_kernel` when the
-    split combine is not folded in: TRTLLM_DECODE_ATTENTION_FUSION=0). new_tokens: rotate q
-    and the new keys in the kernel and write the new k, v to the cache there (q is then
-    before rope)."""
-    num_seqs = kv_lens.shape[0]
-    num_heads, head_dim = q.shape[1:]
-    num_kv_heads, block_size = cache.shape[2], cache.shape[3]
-    group = num_heads // num_kv_heads
-    pdl = pdl_enabled(q)
-    block_d = _block_d(head_dim)
-    splits = _decode_splits(num_seqs, num_kv_heads, tables.shape[1] * block_size, q.device)
-    fold = envs.decode_attention_fusion()
-    g2 = max(2, triton.next_power_of_2(group))  # the combine's head tile (no tl.dot there)
-    part = stats = counters = out  # unused when there is one split
-    if splits > 1:
-        part = q.new_empty((num_seqs, num_heads, splits, block_d), dtype=torch.float32)
-        stats = q.new_empty((num_seqs, num_heads, splits, 2), dtype=torch.float32)
-        if fold:
-            counters = _arrival_counters(q.device, num_seqs * num_kv_heads)
-    rope = new_tokens is not None
-    if rope:
-        k, v, cos, sin, slots, interleaved = new_tokens
-        rope_args = (k, v, cos, sin, slots)
-        rope_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-                        sin.stride(0))
-        rot_dim, compute = cos.shape[-1], compute_dtype(q, cos, sin)
-    else:
-        rope_args, rope_strides = (q,) * 5, (0,) * 6
-        rot_dim, compute, interleaved = 0, tl.float32, False
-    _decode_kernel[(num_seqs, num_kv_heads, splits)](
-        q, out, part, stats, counters, cache, cu, kv_lens, tables, *rope_args,
-        scale * LOG2E, softcap, sliding_window, block_size, splits, rot_dim,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *cache.stride()[:4], tables.stride(0), *rope_strides,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_D=block_d,
-        BLOCK_N=64 if head_dim <= 128 else 32, SPLIT=splits > 1, FOLD=fold, G2=g2,
-        CHUNK=max(2, min(16, 8192 // (g2 * block_d))),  # the combine's [G, CHUNK, D] tile
-        WINDOW=sliding_window > 0, SOFTCAP=softcap > 0, PRECISION=_precision(q), PDL=pdl,
-        ROPE=rope, INTERLEAVED=bool(interleaved), COMPUTE=compute, num_warps=4, num_stages=3,
-        launch_pdl=pdl,
-    )
-    if splits > 1 and not fold:
-        _combine_kernel[(num_seqs, num_heads)](
-            out, part, stats, cu, out.stride(0), out.stride(1), splits,
-            D=head_dim, BLOCK_D=block_d, BLOCK_S=max(16, splits), PDL=pdl, launch_pdl=pdl,
-        )
 
 
 def attention_triton(

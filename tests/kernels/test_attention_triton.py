@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import trtllm.kernels.attention as A
+import trtllm.kernels.attention_decode as AD
 import trtllm.kernels.attention_triton as AT
 
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -137,7 +138,7 @@ def test_cached_attention_long_chunk_and_split_decode():
     starts inside the cache) and decodes long enough to be split across programs."""
     seqs = [(110, 40), (600, 1), (300, 1), (5, 1)]
     inputs = paged_step(seqs, block_size=16, heads=(8, 2), head_dim=32)
-    assert AT._decode_splits(len(seqs), 2, inputs[6].shape[1] * 16, torch.device("cpu")) > 1
+    assert AD._decode_splits(len(seqs), 2, inputs[6].shape[1] * 16, torch.device("cpu")) > 1
     for window in (-1, 50):
         out, _, ref, _ = run_both(inputs, scale=32**-0.5, window=window)
         close(out, ref)
@@ -202,7 +203,7 @@ def close_nan(actual, expected, tol=None):
 
 def counters_are_zero(device_type):
     """The folded combine's arrival counters on devices of this type exist and are all 0."""
-    buffers = [c for d, cs in AT._counters.items() if d.type == device_type for c in cs]
+    buffers = [c for d, cs in AD._counters.items() if d.type == device_type for c in cs]
     return bool(buffers) and not any(c.any() for c in buffers)
 
 
@@ -268,7 +269,7 @@ def test_rope_decode_one_kernel_only_when_split(splits, one_kernel, monkeypatch)
     kernels, whose decode gets q already rotated; the same results either way."""
     monkeypatch.setattr(AT, "_decode_splits", lambda *args: splits)
     launches = []
-    decode = AT._decode
+    decode = AD._decode
     monkeypatch.setattr(AT, "_decode", lambda *a, **kw: launches.append(kw) or decode(*a, **kw))
     out, cache, ref, ref_cache = run_rope_both(decode_step(DECODES))
     assert [kw.get("new_tokens") is not None for kw in launches] == [one_kernel]
