@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from gemv import LAYER_GEMMS, MODELS, copy_bandwidth, shape_parser, start_run, weight_copies  # benchmarks/gemv.py
 from kernel_bench import graph_ms  # benchmarks/kernel_bench.py: a script's own folder is on sys.path
 
+import trtllm.kernels.fp8_gemv as F8
 import trtllm.kernels.quant as Q
 import trtllm.kernels.wo_gemm as W
 
@@ -110,7 +111,7 @@ def reference(impl: str, x: torch.Tensor, x_q: tuple, weight: tuple, k: int) -> 
 
 def best_config(impl: str) -> str:
     """The autotuned config of the Triton kernel behind impl, after a call."""
-    kernel = Q._fp8_gemv_kernel if impl.startswith("fp8_gemv") else W._lowbit_gemm_kernel
+    kernel = F8._fp8_gemv_kernel if impl.startswith("fp8_gemv") else W._lowbit_gemm_kernel
     config = kernel.best_config
     return f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}"
 

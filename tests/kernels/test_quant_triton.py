@@ -4,7 +4,7 @@ references.
 quantize_fp8_triton and fp8_gemm_gemv's prologue (x_scale None) do the reference's float32
 operations and round on E4M3's grid themselves, so on CPU (Triton's interpreter,
 tests/conftest.py) they match it bit for bit, ties included; on a GPU they match each other bit
-for bit, and the reference but for few values one E4M3 step off (quant._quantize_e4m3). The
+for bit, and the reference but for few values one E4M3 step off (fp8_gemv._quantize_e4m3). The
 FP8 GEMMs differ from fp8_gemm_ref by summation order (float32: 1e-4) and one rounding of the
 output (16-bit: 1e-2). The interpreter's bfloat16 tl.dot is wrong, but e4m3 operands go through
 tl.dot as float16, so every path is checked on CPU. The GPU tests use Llama-3-8B decode shapes.
@@ -13,6 +13,7 @@ tl.dot as float16, so every path is checked on CPU. The GPU tests use Llama-3-8B
 import pytest
 import torch
 
+import trtllm.kernels.fp8_gemv as F8
 import trtllm.kernels.gemm as G
 import trtllm.kernels.quant as Q
 import trtllm.kernels.wo_gemm as W
@@ -122,7 +123,7 @@ def test_op_dispatch_on_cpu_is_the_reference():
 
 # ---------------------------------------------------------------- fp8_gemm_gemv: the prologue quantization
 
-GEMV_CONFIGS = [c for cs in Q._FP8_GEMV_CONFIGS.values() for c in cs]
+GEMV_CONFIGS = [c for cs in F8._FP8_GEMV_CONFIGS.values() for c in cs]
 
 
 def picker(cols: list[int], k: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +187,7 @@ def test_gemv_matches_ref(out_dtype, m_shape):
 def test_gemv_configs_with_a_k_remainder(config, early):
     """Every tile: K past two whole steps and a partial one, N not a multiple of BLOCK_N
     (rows wrap around, not stored), BLOCK_M + 1 rows (a second, wrapped M tile)."""
-    block_k = config.kwargs["SUBS"] * Q._VEC
+    block_k = config.kwargs["SUBS"] * F8._VEC
     k = 2 * block_k + 40
     m = config.kwargs["BLOCK_M"] + 1
     x = rows_of_every_size(m, k, torch.bfloat16)
@@ -235,7 +236,7 @@ def test_unplanned_op_takes_the_gemv_at_decode(monkeypatch):
         Q._fp8_gemm_cuda(x, x_scale, w_fp8, w_scale, None, "none", torch.bfloat16)
     w36, s36 = Q.quantize_weight_fp8(torch.randn(36, 64))  # N = 36: no _scaled_mm
     Q._fp8_gemm_cuda(torch.randn(8, 64), None, w36, s36, None, "none", torch.bfloat16)
-    assert called == [("gemv", Q._FP8_GEMV_CONFIGS[1][0]), ("gemv", Q._FP8_GEMV_CONFIGS[4][0]),
+    assert called == [("gemv", F8._FP8_GEMV_CONFIGS[1][0]), ("gemv", F8._FP8_GEMV_CONFIGS[4][0]),
                       ("scaled_mm", True), ("scaled_mm", False), ("triton", True)]
 
 
@@ -258,7 +259,7 @@ def cpu_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def assert_rare_one_step_differences(q, q_ref):
     """q against the reference's values: equal but for few that are one step of E4M3 off, the
-    kernels' x / scale being div.full.f32 (quant._quantize_e4m3). Where a row's scale has few
+    kernels' x / scale being div.full.f32 (fp8_gemv._quantize_e4m3). Where a row's scale has few
     significant bits, quotients of bf16 values fall exactly on ties between E4M3 values, and
     div.full breaks some of those the other way. Measured on an H100 (Triton 3.6): under 0.01%
     of the values at K = 4096, 0.08% (16 rows) and 0.18% (4 rows) at K = 14336."""
