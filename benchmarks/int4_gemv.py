@@ -1,4 +1,4 @@
-"""The int4 decode GEMV (wo_gemm._int4_gemv_kernel) config by config, against its autotuned pick
+"""The int4 decode GEMV (int4_gemv._int4_gemv_kernel) config by config, against its autotuned pick
 and bf16 cuBLAS.
 
     python benchmarks/int4_gemv.py --out int4_gemv.json [--ms 1,2,4] [--models llama-3-8b]
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from gemv import LAYER_GEMMS, MODELS, shape_parser, start_run, weight_copies  # benchmarks/gemv.py
 from kernel_bench import graph_ms  # benchmarks/kernel_bench.py: a script's own folder is on sys.path
 
+import trtllm.kernels.int4_gemv as I4
 import trtllm.kernels.wo_gemm as W
 
 DTYPE = torch.bfloat16
@@ -50,11 +51,11 @@ def bench_m(x: torch.Tensor, copies: list[tuple], bf16_copies: list[torch.Tensor
     expected = W.wo_gemm_ref(x, *copies[0], 4, GROUP_SIZE).float()
     args = (copies, expected, int4_bytes(m, n, k), bandwidth)
     row = {"n": n, "k": k, "m": m, "configs": {}}
-    for config in W._INT4_GEMV_CONFIGS[W._m_bucket(m)]:
+    for config in I4._INT4_GEMV_CONFIGS[W._m_bucket(m)]:
         call = lambda w_q, s, config=config: W.lowbit_gemm(x, w_q, s, 4, GROUP_SIZE, config=config)  # noqa: E731
         row["configs"][config_name(config)] = timed(call, *args)
     row["autotuned"] = timed(lambda w_q, s: W.wo_gemm_triton(x, w_q, s, 4, GROUP_SIZE), *args)
-    row["autotuned"]["config"] = config_name(W._int4_gemv_kernel.best_config)
+    row["autotuned"]["config"] = config_name(I4._int4_gemv_kernel.best_config)
     row["bf16_cublas_ms"] = graph_ms([lambda b=b: F.linear(x, b) for b in bf16_copies]) / len(bf16_copies)
     best = min(row["configs"].items(), key=lambda kv: kv[1]["ms"])
     auto = row["autotuned"]

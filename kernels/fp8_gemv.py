@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gemv import gemm_epilogue, gemv_tile
+from .gemv import gemm_epilogue, gemv_tile, tile_grid
 from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
 
@@ -245,9 +245,7 @@ def fp8_gemm_gemv(x: Tensor, x_scale: Tensor | None, w_fp8: Tensor, w_scale: Ten
         config = first_fp8_gemv_config(m)  # the interpreter cannot time configs
     kernel, meta = (_fp8_gemv_kernel, {}) if config is None else (_fp8_gemv_kernel.fn, config.all_kwargs())
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
+    grid = tile_grid(m, n)
     pdl = pdl_enabled(x)
     kernel[grid](
         x2, x2 if quantize else x_scale.reshape(m).float().contiguous(), w_fp8,

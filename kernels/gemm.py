@@ -29,7 +29,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .activation import apply_act
-from .gemv import GEMV_MAX_TOKENS, gemm_act_gemv, gemm_epilogue, gemm_operands
+from .gemv import GEMV_MAX_TOKENS, gemm_act_gemv, gemm_epilogue, gemm_operands, tile_grid
 
 # The epilogue activations, by the name the `act` argument gives.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -236,9 +236,7 @@ def _launch_gemm_act(
         config = _DECODE_CONFIGS[0]
     kernel, meta = (_gemm_act_kernel, {}) if config is None else (_gemm_act_kernel.fn, config.all_kwargs())
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
+    grid = tile_grid(m, n)
     x_src, w_src, use_tma = x2, weight, config is None and _tma_fits(x2, weight)
     if use_tma:  # tile shapes are set per config by _set_tile_shapes
         x_src = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [16, 16])

@@ -57,6 +57,11 @@ def gemv_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return pid_m, pid_n, rows_m, rows_n
 
 
+def tile_grid(m: int, n: int):
+    """A launch grid: one program per (BLOCK_M rows of x, BLOCK_N rows of w) tile (gemv_tile)."""
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
 @triton.jit
 def gemm_epilogue(acc, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om,
                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -337,9 +342,7 @@ def _launch_gemv_act(
         config = _GEMV_CONFIGS[m_bucket][0]  # the interpreter cannot time the configs
     kernel, meta = (_gemv_act_kernel, {}) if config is None else (_gemv_act_kernel.fn, config.all_kwargs())
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
+    grid = tile_grid(m, n)
     pdl = pdl_enabled(x)
     kernel[grid](
         x2, weight, out if bias is None else bias.contiguous(), out,

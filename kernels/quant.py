@@ -16,7 +16,7 @@ one node per linear layer, so that at decode no separate quantization kernel run
 the 4 x 32 quantize_fp8 launches of a Llama-3-8B token cost 0.37 ms next to its 3.0 ms of fp8
 GEMMs. Its CUDA implementations:
 
-- `fp8_gemm_gemv`: the decode GEMV (up to FP8_GEMV_MAX_TOKENS tokens). With x_scale None each
+- `fp8_gemm_gemv` (fp8_gemv.py): the decode GEMV (up to FP8_GEMV_MAX_TOKENS tokens). With x_scale None each
   program quantizes its input in its prologue: one pass over the whole row of x (K <= 14336
   16-bit values, from L2) for the per-token amax and scale, then each K step quantizes the
   slice of x it multiplies (the same float32 operations as quantize_fp8_triton, so the same

@@ -18,7 +18,7 @@ Formats (built once by `pack_int8` / `pack_int4`, read back by `unpack`), both s
   128), so int4 groups are whole blocks.
 
 On CUDA the op runs `lowbit_gemm`. At up to GEMV_MAX_ROWS tokens int4 weights go to
-`_int4_gemv_kernel`, a GEMV built to stream the packed weight: at half a byte a weight the
+`_int4_gemv_kernel` (int4_gemv.py), a GEMV built to stream the packed weight: at half a byte a weight the
 integer work of unpacking, not the bytes, bounded the first version (about 7 instructions a
 weight, 46% of copy bandwidth over Llama-3-8B's decode GEMMs on an H100). Per weight it now
 spends one LOP3 (the nibble into a float's mantissa), one float subtract and one FMA per token,
@@ -44,7 +44,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .gemm import ACTIVATIONS
-from .gemv import gemm_epilogue, gemv_tile
+from .gemv import gemm_epilogue, gemv_tile, tile_grid
+from .int4_gemv import int4_gemv
 from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
 
@@ -52,7 +53,7 @@ WO_BITS = (4, 8)
 QMAX = {8: 127, 4: 7}  # the largest |q| of each format (symmetric: -8 is never used by int4)
 MIN_GROUP, MAX_GROUP = 32, 1024  # the group sizes the Triton kernel tiles by (besides K itself)
 INT4_BLOCK = 32  # int4 weights per 16-byte block of pack_int4's layout (MIN_GROUP: groups are whole blocks)
-INT4_MAGIC = 0x4B000000  # float32 2^23, the int4 GEMV's magic number (_nibble)
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -234,31 +235,6 @@ _CONFIGS: dict[int, list[triton.Config]] = {
 }
 _GEMM_CONFIGS = [_config(64, 64, 128, 4, 3), _config(64, 128, 128, 4, 4), _config(128, 128, 64, 8, 3)]
 
-def _int4_config(block_m: int, block_n: int, block_kb: int, num_warps: int, prefetch: bool) -> triton.Config:
-    """PREFETCH: load the next step's weights before this step's math (see _int4_gemv_kernel)."""
-    tile = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_KB": block_kb, "PREFETCH": prefetch}
-    return triton.Config(tile, num_warps=num_warps, num_stages=1)
-
-
-# _int4_gemv_kernel's tiles by M bucket. A thread loads one 16-byte block (32 weights) of each of
-# its weight rows per step, and BLOCK_KB = 512 x num_warps bytes are one block per thread of the
-# program along K: every thread holds all BLOCK_N rows of its slice of K (its x, loaded and
-# converted once, serves BLOCK_N rows) and x's loads take the weights' layout (no shuffle through
-# shared memory). Ahead-loaded steps keep twice the bytes in flight per program, at the cost of
-# registers (fewer programs per SM): both are timed. Picked on the H100 at one token (Llama-3-8B):
-# 8 rows and 1 warp for gate_up and the LM head, 8 rows and 2 warps for qkv and o, 4 rows, 2
-# warps and ahead-loaded steps for down (K = 14336).
-_INT4_GEMV_CONFIGS: dict[int, list[triton.Config]] = {
-    1: [_int4_config(1, 4, 512, 1, False), _int4_config(1, 8, 512, 1, False), _int4_config(1, 8, 1024, 2, False),
-        _int4_config(1, 4, 2048, 4, False), _int4_config(1, 4, 512, 1, True), _int4_config(1, 8, 512, 1, True),
-        _int4_config(1, 4, 1024, 2, True), _int4_config(1, 2, 1024, 2, True)],
-    2: [_int4_config(2, 4, 512, 1, False), _int4_config(2, 4, 512, 1, True), _int4_config(2, 4, 1024, 2, False),
-        _int4_config(2, 2, 1024, 2, True)],
-    4: [_int4_config(4, 4, 512, 1, False), _int4_config(4, 2, 512, 1, False), _int4_config(4, 2, 512, 1, True),
-        _int4_config(4, 4, 1024, 2, False)],
-}
-
-
 def _m_bucket(num_tokens: int) -> int:
     """The autotune key's M: a power of two in [1, 4096]."""
     return min(triton.next_power_of_2(max(num_tokens, 1)), 4096)
@@ -266,10 +242,6 @@ def _m_bucket(num_tokens: int) -> int:
 
 def _configs_for_m_bucket(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     return _CONFIGS.get({**named_args, **kwargs}["M_BUCKET"], _GEMM_CONFIGS)
-
-
-def _int4_configs_for_m_bucket(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return _INT4_GEMV_CONFIGS[{**named_args, **kwargs}["M_BUCKET"]]
 
 
 def _sub_bytes(args: dict) -> int:
@@ -280,16 +252,6 @@ def _sub_bytes(args: dict) -> int:
 def _subs_per_step(args: dict) -> int:
     """Groups per loop step: as many as fit BLOCK_KB on the CUDA cores, one through tl.dot."""
     return 1 if args["BLOCK_M"] > GEMV_MAX_ROWS else max(1, args["BLOCK_KB"] // _sub_bytes(args))
-
-
-def _int4_subs_per_step(args: dict) -> int:
-    """int4 GEMV groups per step: as many as fit BLOCK_KB (at least one), halved until they
-    divide a row's groups, so that every step is whole (no masks)."""
-    num_groups = args["K"] // args["GROUP_SIZE"]
-    subs = max(1, args["BLOCK_KB"] * 2 // args["GROUP_SIZE"])
-    while num_groups % subs:
-        subs //= 2
-    return subs
 
 
 @triton.autotune(
@@ -464,104 +426,6 @@ def _int4_dot_loop(x_ptr, w_ptr, s_ptr, rows_m, rows_n, K_BYTES, stride_xm, stri
     return acc
 
 
-# ---------------------------------------------------------------- the int4 GEMV
-
-
-@triton.autotune(
-    configs=[c for cs in _INT4_GEMV_CONFIGS.values() for c in cs],
-    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],  # the autotuner adds the dtypes
-    prune_configs_by={"early_config_prune": _int4_configs_for_m_bucket},
-    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
-)
-@triton.heuristics({"SUBS": _int4_subs_per_step})
-@triton.jit
-def _int4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr,
-    M, N, K, M_BUCKET, magic,  # M_BUCKET: only the autotune key; magic: INT4_MAGIC (see _nibble)
-    stride_xm, stride_wn, stride_sn, stride_om,
-    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PREFETCH: tl.constexpr,
-    SUBS: tl.constexpr,
-):
-    """out[M, N] = act(x[M, K] @ dequant(w)^T + bias[N]) for a few rows of x, float32 products on
-    the CUDA cores. w: pack_int4's int32 words [N, K // 8] (row stride a multiple of 4 words),
-    s [N, K // GROUP_SIZE]; x: unit stride along K. Each step takes SUBS whole groups of every
-    weight row (BLOCK_KB bytes or fewer: SUBS divides the row's groups), a 16-byte block per
-    thread and row. The tensors are [rows, rows, words of the step] with the words contiguous,
-    so that Triton lays the weights and every x plane out alike (threads along K, each holding
-    all rows): with a separate groups dimension Triton 3.6 put threads along the weight rows and
-    moved each x plane through shared memory, at a third of copy bandwidth. PREFETCH: the next
-    step's words are loaded before this step's math (else after it). Program pid takes row tile
-    pid % cdiv(M, BLOCK_M) of x and row tile pid // cdiv(M, BLOCK_M) of w (gemv_tile)."""
-    WORDS: tl.constexpr = GROUP_SIZE // 8  # int32 words per row and group
-    STEP_WORDS: tl.constexpr = SUBS * WORDS
-    pid_m, pid_n, rows_m, rows_n = gemv_tile(M, N, BLOCK_M, BLOCK_N)
-    word = tl.arange(0, STEP_WORDS)  # [STEP_WORDS]: a row's words in the step
-    # x of each word's nibble 0: weight 32 (word // 4) + word % 4 of the step (nibble i's: 4 i further)
-    word_k = tl.max_contiguous(tl.multiple_of(32 * (word // 4) + word % 4, 4), 4)  # [STEP_WORDS]
-    w_ptrs = w_ptr + rows_n[None, :, None] * stride_wn + word[None, None, :]  # [1, BLOCK_N, STEP_WORDS]
-    x_ptrs = x_ptr + rows_m[:, None, None] * stride_xm + word_k[None, None, :]  # [BLOCK_M, 1, STEP_WORDS]
-    s_ptrs = s_ptr + rows_n[None, :, None] * stride_sn + tl.arange(0, SUBS)[None, None, :]  # [1, BLOCK_N, SUBS]
-    w = tl.load(w_ptrs)  # the first step, before the wait: weights are constants
-    pdl_start(PDL)  # before any read of x and any store
-    acc = tl.zeros((BLOCK_M, BLOCK_N, SUBS), dtype=tl.float32)  # each group's scaled sums
-    for _ in range(1, K // (SUBS * GROUP_SIZE)):
-        w_next = tl.load(w_ptrs + STEP_WORDS)
-        if PREFETCH:
-            if magic != 0:  # always: ptxas keeps the loads above this branch, in flight during the step's math
-                acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS)
-        else:  # ptxas sinks the loads below the math: fewer registers, more programs per SM
-            acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS)
-        w = w_next
-        w_ptrs += STEP_WORDS
-        x_ptrs += SUBS * GROUP_SIZE
-        s_ptrs += SUBS
-    acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS)
-    acc = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
-    gemm_epilogue(acc, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, HAS_BIAS, ACT, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _int4_step(w, x_ptrs, s_ptrs, magic, SUBS: tl.constexpr, WORDS: tl.constexpr):
-    """One step's scaled group sums [BLOCK_M, BLOCK_N, SUBS]: the words' products summed per
-    group (over its WORDS words), times the group's scale (s_ptrs [1, BLOCK_N, SUBS]). Summed
-    before scaling, a step's sums are one value per row and group, so that only these few move
-    to the scales' layout (the products, one per word, would go through shared memory)."""
-    p = _int4_word_products(w, x_ptrs, magic)  # [BLOCK_M, BLOCK_N, SUBS * WORDS]
-    p = tl.sum(tl.reshape(p, (p.shape[0], p.shape[1], SUBS, WORDS)), axis=3)  # [BLOCK_M, BLOCK_N, SUBS]
-    return p * tl.load(s_ptrs).to(tl.float32)
-
-
-@triton.jit
-def _int4_word_products(w, x_ptrs, magic):
-    """Each int32 word's 8 weights times their x, summed: w [1, BLOCK_N, WORDS] words, x_ptrs
-    [BLOCK_M, 1, WORDS] at the x of each word's nibble 0 (nibble i's sits 4 i further). Per
-    weight one LOP3 and one float subtract (_nibble), shared by the BLOCK_M rows of x, and an FMA
-    per row. Returns [BLOCK_M, BLOCK_N, WORDS] float32."""
-    w_hi = w >> 12  # nibbles 5, 6, 7 to bits 8, 12, 16: one shift per 8 weights
-    p = tl.load(x_ptrs).to(tl.float32) * _nibble(w, magic, 0)
-    p += tl.load(x_ptrs + 4).to(tl.float32) * _nibble(w, magic, 4)
-    p += tl.load(x_ptrs + 8).to(tl.float32) * _nibble(w, magic, 8)
-    p += tl.load(x_ptrs + 12).to(tl.float32) * _nibble(w, magic, 12)
-    p += tl.load(x_ptrs + 16).to(tl.float32) * _nibble(w, magic, 16)
-    p += tl.load(x_ptrs + 20).to(tl.float32) * _nibble(w_hi, magic, 8)
-    p += tl.load(x_ptrs + 24).to(tl.float32) * _nibble(w_hi, magic, 12)
-    p += tl.load(x_ptrs + 28).to(tl.float32) * _nibble(w_hi, magic, 16)
-    return p
-
-
-@triton.jit
-def _nibble(bits, magic, POS: tl.constexpr):
-    """q = n - 8 in float32 of the nibble n at bits POS..POS+3 of int32 words (POS <= 16). OR-ed
-    into the mantissa of the float 2^(23 - POS), whose last place is then worth one, the nibble
-    reads 2^(23 - POS) + n exactly: one LOP3 (and + or) and one float subtract, no shift and no
-    int-to-float conversion (quarter rate). magic: INT4_MAGIC, the bits of 2^23; those of
-    2^(23 - POS) are magic - (POS << 23). A runtime value, it sits in a register: with two
-    immediates (the mask and the float) the and + or would be two LOP3s, one immediate each."""
-    f = ((bits & (15 << POS)) | (magic - (POS << 23))).to(tl.float32, bitcast=True)  # 2^(23 - POS) + n
-    return f - ((1 << (23 - POS)) + 8)
-
-
 # ---------------------------------------------------------------- the launcher
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -603,15 +467,7 @@ def lowbit_gemm(
     bias_arg = out if bias is None else bias.contiguous()
     pdl = pdl_enabled(x)
     if bits == 4 and (m if config is None else config.kwargs["BLOCK_M"]) <= GEMV_MAX_ROWS:
-        if config is None and triton.knobs.runtime.interpret:
-            config = _INT4_GEMV_CONFIGS[m_bucket][0]  # the interpreter cannot time configs
-        # .fn: the heuristic (SUBS) under the autotuner, which derives from the config
-        kernel, meta = (_int4_gemv_kernel, {}) if config is None else (_int4_gemv_kernel.fn, config.all_kwargs())
-        kernel[_grid(m, n)](
-            x2, w_q, scales, bias_arg, out, m, n, k, m_bucket, INT4_MAGIC,
-            x2.stride(0), w_q.stride(0), scales.stride(0), out.stride(0),
-            GROUP_SIZE=group_size, HAS_BIAS=bias is not None, ACT=act, PDL=pdl, launch_pdl=pdl, **meta,
-        )
+        int4_gemv(x2, w_q, scales, bias if bias is None else bias_arg, out, m_bucket, group_size, act, config)
         return out.view(*x.shape[:-1], n)
     pack = 8 // bits
     per_channel = group_size == k and bits == 8
@@ -619,7 +475,7 @@ def lowbit_gemm(
         config = _configs_for_m_bucket([], {"M_BUCKET": m_bucket})[0]  # the interpreter cannot time configs
     # .fn: the heuristics (SUB_BYTES, SUBS) under the autotuner, which derive from the config
     kernel, meta = (_lowbit_gemm_kernel, {}) if config is None else (_lowbit_gemm_kernel.fn, config.all_kwargs())
-    kernel[_grid(m, n)](
+    kernel[tile_grid(m, n)](
         x2, w_q, scales, out if x_scale is None else x_scale.reshape(m).float().contiguous(), bias_arg, out,
         m, n, k, k // pack, m_bucket,
         x2.stride(0), w_q.stride(0), scales.stride(0), out.stride(0),
@@ -631,6 +487,4 @@ def lowbit_gemm(
     return out.view(*x.shape[:-1], n)
 
 
-def _grid(m: int, n: int):
-    """A launch grid: one program per (BLOCK_M rows of x, BLOCK_N rows of w) tile."""
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+#END

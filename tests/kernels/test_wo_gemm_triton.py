@@ -9,6 +9,7 @@ output (16-bit: 1e-2). The GPU tests use Llama-3-8B decode shapes in bfloat16.
 import pytest
 import torch
 
+import trtllm.kernels.int4_gemv as I4
 import trtllm.kernels.wo_gemm as W
 
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # atol = rtol
@@ -53,7 +54,7 @@ def test_bias_and_activation_in_the_epilogue(act, m_shape, bits, group_size, k):
 
 
 UNIQUE_CONFIGS = list({str(c): c for c in [*sum(W._CONFIGS.values(), []), *W._GEMM_CONFIGS]}.values())
-INT4_GEMV_CONFIGS = list({str(c): c for c in sum(W._INT4_GEMV_CONFIGS.values(), [])}.values())
+INT4_GEMV_CONFIGS = list({str(c): c for c in sum(I4._INT4_GEMV_CONFIGS.values(), [])}.values())
 
 
 @pytest.mark.parametrize("bits, group_size, k", [(8, 200, 200), (4, 128, 256)])
@@ -99,7 +100,7 @@ def test_int4_gemv_bias_and_activation(act, m):
 
 def test_int4_gemv_steps_divide_the_groups():
     """SUBS: the groups of BLOCK_KB bytes, halved until they divide a row's groups."""
-    subs = lambda k, gs, kb: W._int4_subs_per_step({"K": k, "GROUP_SIZE": gs, "BLOCK_KB": kb})  # noqa: E731
+    subs = lambda k, gs, kb: I4._int4_subs_per_step({"K": k, "GROUP_SIZE": gs, "BLOCK_KB": kb})  # noqa: E731
     assert subs(4096, 128, 512) == 8 and subs(4096, 128, 2048) == 32
     assert subs(14336, 128, 1024) == 16 and subs(14336, 128, 2048) == 16  # 112 groups
     assert subs(224, 32, 512) == 1 and subs(384, 64, 512) == 2  # 7 groups; 6 groups
@@ -131,7 +132,7 @@ SMALL_STEPS = [W._config(2, 4, 32, 1), W._config(16, 16, 32, 1, 1)]
 @pytest.mark.parametrize("bits, group_size, k", [(8, 150, 150), (8, 32, 224), (4, 32, 224)])
 def test_steps_and_remainder(config, bits, group_size, k):
     if bits == 4 and config.kwargs["BLOCK_M"] <= W.GEMV_MAX_ROWS:
-        config = W._int4_config(2, 4, 32, 1, True)
+        config = I4._int4_config(2, 4, 32, 1, True)
     x, w_q, scales = wo_inputs(bits, group_size, k, (config.kwargs["BLOCK_M"] + 1,), n=37)  # two row tiles
     out = W.lowbit_gemm(x, w_q, scales, bits, group_size, config=config)
     assert_close_to_ref(out, x, w_q, scales, bits, group_size)
