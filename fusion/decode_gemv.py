@@ -57,23 +57,29 @@ def _linear_args(linear: Node) -> tuple[Node, Node | None]:
     return linear.args[1], linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
 
 
-def _replace(gm: GraphModule, linear: Node, target, *args) -> Node:
-    """Insert target(*args) before `linear`, which it replaces; returns the new node."""
+def _fuse_into_linear(gm: GraphModule, node: Node, weight_only: set[Node], target, before: tuple,
+                      after: tuple = ()) -> bool:
+    """Where `node`'s one output feeds a weight-only linear alone: that linear becomes
+    target(*before, weight, bias, *after), and `node` goes."""
+    linear = _sole_linear(node, weight_only)
+    if linear is None:
+        return False
     with gm.graph.inserting_before(linear):
-        fused = call(gm, target, *args)
+        fused = call(gm, target, *before, *_linear_args(linear), *after)
     linear.replace_all_uses_with(fused)
     gm.graph.erase_node(linear)
-    return fused
+    gm.graph.erase_node(node)
+    return True
 
 
 def _fuse_rmsnorm(gm: GraphModule, norm: Node, weight_only: set[Node]) -> bool:
-    linear = _sole_linear(norm, weight_only)
-    if linear is None:
-        return False
     x, norm_weight, eps = norm.args
-    _replace(gm, linear, trtllm.rmsnorm_linear.default, x, norm_weight, eps, *_linear_args(linear))
-    gm.graph.erase_node(norm)
-    return True
+    return _fuse_into_linear(gm, norm, weight_only, trtllm.rmsnorm_linear.default, (x, norm_weight, eps))
+
+
+def _fuse_act_mul(gm: GraphModule, act_mul: Node, weight_only: set[Node]) -> bool:
+    act = "silu" if act_mul.target is trtllm.silu_mul.default else _GELU[act_mul.args[1]]
+    return _fuse_into_linear(gm, act_mul, weight_only, trtllm.act_mul_linear.default, (act_mul.args[0],), (act,))
 
 
 def _fuse_add_rmsnorm(gm: GraphModule, norm: Node, weight_only: set[Node]) -> bool:
@@ -97,17 +103,6 @@ def _fuse_add_rmsnorm(gm: GraphModule, norm: Node, weight_only: set[Node]) -> bo
         items[1].replace_all_uses_with(s)
     for node in (linear, *items.values(), norm):
         gm.graph.erase_node(node)
-    return True
-
-
-def _fuse_act_mul(gm: GraphModule, act_mul: Node, weight_only: set[Node]) -> bool:
-    linear = _sole_linear(act_mul, weight_only)
-    if linear is None:
-        return False
-    h = act_mul.args[0]
-    act = "silu" if act_mul.target is trtllm.silu_mul.default else _GELU[act_mul.args[1]]
-    _replace(gm, linear, trtllm.act_mul_linear.default, h, *_linear_args(linear), act)
-    gm.graph.erase_node(act_mul)
     return True
 
 

@@ -492,22 +492,7 @@ def rope_cached_attention(
 
 
 def _check_cos_sin(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
-    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != q.shape[0]:
-        raise ValueError(
-            f"rope_cached_attention: cos and sin must both be [T, Drot] = [{q.shape[0]}, Drot] "
-            f"for q {tuple(q.shape)}, got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
-        )
-    rot_dim = cos.shape[-1]
-    if rot_dim == 0 or rot_dim % 2 or rot_dim > q.shape[-1]:
-        raise ValueError(
-            f"rope_cached_attention: the rotary dim Drot={rot_dim} of cos {tuple(cos.shape)} "
-            f"must be even, positive and at most the head dim of q {tuple(q.shape)}"
-        )
-    if not all(t.is_floating_point() for t in (q, k, cos, sin)):
-        raise ValueError(
-            f"rope_cached_attention: q, k, cos and sin must be floating, got {q.dtype}, "
-            f"{k.dtype}, {cos.dtype}, {sin.dtype}"
-        )
+    _rope.check_cos_sin("rope_cached_attention", q, k, cos, sin, {"T": q.shape[0]})
 
 
 def _check_cache_and_metadata(

@@ -265,20 +265,27 @@ def _check_rope_args(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
             f"rope: q must be [B, H, S, D] and k [B, Hkv, S, D], got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}"
         )
-    batch, seq_len = q.shape[0], q.shape[2]
-    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[:2] != (batch, seq_len):
+    check_cos_sin("rope", q, k, cos, sin, {"B": q.shape[0], "S": q.shape[2]})
+
+
+def check_cos_sin(op: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, lead: dict[str, int]) -> None:
+    """cos and sin both [*lead, Drot] (lead: each leading dim's name and size), Drot even,
+    positive and at most the head dims of q and k; q, k, cos and sin floating. Shared by rope
+    and rope_cached_attention (attention.py)."""
+    names, sizes = ", ".join(lead), ", ".join(str(n) for n in lead.values())
+    if cos.shape != sin.shape or cos.dim() != len(lead) + 1 or tuple(cos.shape[:-1]) != tuple(lead.values()):
         raise ValueError(
-            f"rope: cos and sin must both be [B, S, Drot] = [{batch}, {seq_len}, Drot] for q "
+            f"{op}: cos and sin must both be [{names}, Drot] = [{sizes}, Drot] for q "
             f"{tuple(q.shape)}, got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
         )
     rot_dim = cos.shape[-1]
     if rot_dim == 0 or rot_dim % 2 or rot_dim > min(q.shape[-1], k.shape[-1]):
         raise ValueError(
-            f"rope: the rotary dim Drot={rot_dim} of cos {tuple(cos.shape)} must be even, "
+            f"{op}: the rotary dim Drot={rot_dim} of cos {tuple(cos.shape)} must be even, "
             f"positive and at most the head dims of q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
     if not all(t.is_floating_point() for t in (q, k, cos, sin)):
         raise ValueError(
-            f"rope: q, k, cos and sin must be floating, got {q.dtype}, {k.dtype}, {cos.dtype}, "
+            f"{op}: q, k, cos and sin must be floating, got {q.dtype}, {k.dtype}, {cos.dtype}, "
             f"{sin.dtype}"
         )
