@@ -1,10 +1,11 @@
 """Where one forward pass spends its GPU time: a kernel table per (shape, batch, context).
 
-    python benchmarks/profile_step.py [--shapes llama-3.2-1b:1:256,llama-3-8b:256:192]
+    python benchmarks/profile_step.py [--shapes llama-3.2-1b:1:256,llama-3-8b:256:192] [--dtype fp8]
 
 Each item is SHAPE:BATCH:CONTEXT: BATCH decode sequences, each CONTEXT tokens long, run
-eagerly from the decode buffers (the same kernels a CUDA graph replays) under torch.profiler.
-Weights are generated (trtllm.frontend.bench.make_model).
+eagerly from the decode buffers (the same kernels a CUDA graph replays) under torch.profiler;
+or SHAPE:prefill:TOKENS: one prompt of TOKENS tokens in one eager step. `--dtype` is the
+engine's (bf16, fp8, int8, int4). Weights are generated (trtllm.frontend.bench.make_model).
 """
 
 from __future__ import annotations
@@ -20,22 +21,37 @@ from trtllm.frontend.bench import make_model
 from trtllm.runtime.scheduler import ScheduledSequence
 
 
-def profile_decode(shape: str, batch: int, context: int, rows: int) -> None:
+def profile_step(shape: str, batch: str, context: int, rows: int, dtype: str) -> None:
+    """Profile decode steps of int(batch) sequences at `context`, or (batch "prefill") one
+    prefill step of `context` tokens."""
+    prefill = batch == "prefill"
+    num_seqs = 1 if prefill else int(batch)
     model = make_model(shape, torch.bfloat16, torch.device("cuda"))
-    llm = trtllm.compile(model, dtype="bf16", max_batch_size=batch, max_seq_len=2304, cuda_graphs=False)
-    print(f"\n=== {shape}: batch {batch}, context {context}; compile stages {llm.compile_stages}")
+    llm = trtllm.compile(model, dtype=dtype, max_batch_size=num_seqs, max_seq_len=max(2304, context + 64),
+                         max_num_tokens=max(2048, context), cuda_graphs=False)
+    print(f"\n=== {shape} {dtype}: {batch} {num_seqs}, context {context}; compile stages {llm.compile_stages}")
     print(llm.engine.describe_implementations())
     runner = llm.runtime.runner
     per = math.ceil(context / runner.pool.block_size)
-    sequences = [ScheduledSequence(f"s{i}", [5 + i], [context - 1], context, list(range(i * per, (i + 1) * per)),
-                                   False, True) for i in range(batch)]
+    if prefill:
+        tokens = [5 + i % 1000 for i in range(context)]
+        sequences = [ScheduledSequence("p", tokens, list(range(context)), context, list(range(per)), True, True)]
+
+        def step():
+            runner.run(sequences, [context - 1], 1)
+    else:
+        sequences = [ScheduledSequence(f"s{i}", [5 + i], [context - 1], context,
+                                       list(range(i * per, (i + 1) * per)), False, True) for i in range(num_seqs)]
+
+        def step():
+            runner.decode(sequences)
     for _ in range(3):
-        runner.decode(sequences)
+        step()
     torch.cuda.synchronize()
     steps = 5
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            runner.decode(sequences)
+            step()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events) / steps
@@ -50,10 +66,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", default="llama-3.2-1b:1:256,llama-3-8b:1:256,llama-3-8b:256:192")
     parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--dtype", default="bf16")
     args = parser.parse_args()
     for item in args.shapes.split(","):
         shape, batch, context = item.split(":")
-        profile_decode(shape, int(batch), int(context), args.rows)
+        profile_step(shape, batch, int(context), args.rows, args.dtype)
 
 
 if __name__ == "__main__":

@@ -48,11 +48,11 @@ from .gemv import gemm_epilogue, gemv_tile, tile_grid
 from .int4_gemv import int4_gemv
 from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
+from .wo_dequant import INT4_BLOCK, use_dequant, wo_gemm_dequant_cublas
 
 WO_BITS = (4, 8)
 QMAX = {8: 127, 4: 7}  # the largest |q| of each format (symmetric: -8 is never used by int4)
 MIN_GROUP, MAX_GROUP = 32, 1024  # the group sizes the Triton kernel tiles by (besides K itself)
-INT4_BLOCK = 32  # int4 weights per 16-byte block of pack_int4's layout (MIN_GROUP: groups are whole blocks)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -203,9 +203,12 @@ def check_wo_args(op: str, x: Tensor, w_q: Tensor, scales: Tensor, bits: int, gr
 @_wo_gemm_op.register_kernel("cuda")
 def wo_gemm_triton(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size: int,
                    bias: Tensor | None = None, act: str = "none") -> Tensor:
-    """`trtllm::wo_gemm` as `lowbit_gemm` (autotuned Triton), the op's CUDA kernel; same
-    contract as wo_gemm_ref (float32 accumulation, bias and act in its epilogue, one rounding
-    to x.dtype)."""
+    """`trtllm::wo_gemm`'s CUDA kernel: `lowbit_gemm` (autotuned Triton; wo_gemm_ref's contract:
+    float32 accumulation, bias and act in its epilogue, one rounding to x.dtype), or from
+    WO_DEQUANT_MIN_TOKENS 16-bit tokens on the weight dequantized to x's dtype and cuBLAS
+    (wo_dequant.py, its weight rounded once to x's dtype)."""
+    if use_dequant(x):
+        return wo_gemm_dequant_cublas(x, w_q, scales, bits, group_size, bias, act)
     return lowbit_gemm(x, w_q, scales, bits, group_size, bias=bias, act=act)
 
 

@@ -209,7 +209,7 @@ def test_llama_shapes_bf16_on_gpu(bits, group_size, n, k):
 @pytest.mark.parametrize("bits, group_size", [(8, 4096), (4, 128)])
 def test_gemm_tiles_on_gpu(bits, group_size):
     x, w_q, scales = wo_inputs(bits, group_size, 4096, (200,), n=4096, dtype=torch.bfloat16, device="cuda")
-    out = W.wo_gemm_triton(x, w_q, scales, bits, group_size)
+    out = W.lowbit_gemm(x, w_q, scales, bits, group_size)  # wo_gemm_triton would dequantize at 200 rows
     assert relative_error(out, W.wo_gemm_ref(x, w_q, scales, bits, group_size)) < 1e-2
 
 
@@ -218,7 +218,7 @@ def test_gemm_tiles_on_gpu(bits, group_size):
 def test_bias_and_activation_on_gpu(bits, group_size):
     x, w_q, scales = wo_inputs(bits, group_size, 4096, (200,), n=4096, dtype=torch.bfloat16, device="cuda")
     bias = torch.randn(4096, device="cuda").bfloat16()
-    for m in (1, 16, 200):  # CUDA-core GEMV, tl.dot tiles at decode, GEMM tiles
+    for m in (1, 16, 200):  # CUDA-core GEMV, tl.dot tiles at decode, dequantize + cuBLAS
         out = W.wo_gemm(x[:m], w_q, scales, bits, group_size, bias, "silu")
         expected = W.wo_gemm_ref(x[:m], w_q, scales, bits, group_size, bias, "silu")
         assert relative_error(out, expected) < 1e-2, m
