@@ -4,7 +4,7 @@ Each pass is `GraphModule -> int` (rewrites made, the graph changed in place) in
 `pipeline(patterns)` is the list a compile runs:
 
     canonicalize  ->  user patterns  ->  fuse  ->  [quantize]  ->  gather_logits  ->  insert_kv_cache
-                  ->  [decode_gemv]
+                  ->  rope_attention  ->  [decode_gemv]
 
 quantize runs only for a quantized dtype ("fp8", "int8", "int4"); decode_gemv only on request,
 `TRTLLM_DECODE_FUSION=1` (norms) or `=all` (gated activations too).
@@ -37,6 +37,7 @@ from .norms import canonicalize_layernorm, canonicalize_rmsnorm
 from .pattern import Match, Pattern
 from .quantize import quantize_linears
 from .rope import canonicalize_rope
+from .rope_attention import fuse_rope_attention
 
 __all__ = ["Match", "Pattern", "PassReport", "pipeline", "register", "registered", "run_passes", "unregister"]
 
@@ -63,11 +64,14 @@ FUSE: tuple[tuple[str, Pass], ...] = (
 QUANTIZE: dict[str, tuple[tuple[str, Pass], ...]] = {
     fmt: ((f"quantize_{fmt}", functools.partial(quantize_linears, fmt=fmt)),) for fmt in WEIGHT_FORMATS
 }
-# The step graph: LM head on sampled rows only, attention over the paged KV cache.
+# The step graph: LM head on sampled rows only, attention over the paged KV cache, then rope
+# folded into that attention (one kernel for a small decode step's rope, cache write and
+# attention), unless TRTLLM_ROPE_ATTENTION=0.
 STEP: tuple[tuple[str, Pass], ...] = (
     ("gather_logits", gather_logits),
     ("insert_kv_cache", insert_kv_cache),
 )
+ROPE_ATTENTION: tuple[tuple[str, Pass], ...] = (("rope_attention", fuse_rope_attention),)
 # Last, on the step graph, by TRTLLM_DECODE_FUSION (kernels/envs.py): norms (and gated
 # activations) into the linear after them, for the decode GEMV's prologue (their kernels and
 # launch gaps gone at batch 1). Off by default: on an H100 the fused GEMVs did not yet win a
@@ -111,7 +115,9 @@ def pattern_passes(patterns: Iterable[Pattern]) -> list[tuple[str, Pass]]:
 def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None) -> list[tuple[str, Pass]]:
     """The passes a compile runs, in order; `quantization`: a key of QUANTIZE, or None."""
     quantize = () if quantization is None else QUANTIZE[quantization]
-    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *STEP, *DECODE[envs.decode_fusion()]]
+    rope_attention = ROPE_ATTENTION if envs.rope_attention() else ()
+    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *STEP, *rope_attention,
+            *DECODE[envs.decode_fusion()]]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,12 @@ def decode_attention_fusion() -> bool:
     return os.environ.get("TRTLLM_DECODE_ATTENTION_FUSION", "1") != "0"
 
 
+def rope_attention() -> bool:
+    """`TRTLLM_ROPE_ATTENTION=0` leaves rope and cached_attention apart (the rope_attention pass,
+    fusion/rope_attention.py, out of the pipeline), for comparison; on by default."""
+    return os.environ.get("TRTLLM_ROPE_ATTENTION", "1") != "0"
+
+
 DECODE_FUSION_MODES = {"0": "off", "1": "norms", "all": "all"}
 
 

@@ -94,4 +94,5 @@ def test_dump_dir_writes_every_pass(traced, tmp_path, monkeypatch):
     assert names == ["00_traced.txt", *expected]
     rewrites = {r.name: r.rewrites for r in reports}
     assert rewrites["gather_logits"] == 1 and rewrites["insert_kv_cache"] == model.config.num_hidden_layers
-    assert "trtllm.cached_attention" in (tmp_path / expected[-1]).read_text()
+    assert rewrites["rope_attention"] == model.config.num_hidden_layers
+    assert "trtllm.rope_cached_attention" in (tmp_path / expected[-1]).read_text()

@@ -3,7 +3,7 @@ of the step graph, and compiled models with it still generate transformers' gree
 (exactly in float32 on CPU, where the op's reference is the composition it replaces; within
 bf16 near-ties on the GPU, where a small decode step's attention is one kernel).
 
-Until the pass joins `fusion.pipeline()`, these tests append it (`with_rope_attention`)."""
+The pass is in `fusion.pipeline()` unless TRTLLM_ROPE_ATTENTION=0 (`without_rope_attention`)."""
 
 from __future__ import annotations
 
@@ -14,24 +14,12 @@ import torch
 from conftest import ARCHITECTURES, make_family, make_model
 
 import trtllm
-import trtllm.frontend.api as api
 from trtllm.frontend.tracer import trace
 from trtllm.fusion import pipeline, run_passes
 from trtllm.fusion.rope_attention import fuse_rope_attention
 
 ops = torch.ops.trtllm
 PASS = ("rope_attention", fuse_rope_attention)
-
-
-def with_rope_attention(monkeypatch) -> None:
-    """trtllm.compile runs the pipeline with the pass appended (if it is not in it yet)."""
-    plain = api.pipeline
-
-    def extended(*args, **kwargs):
-        passes = plain(*args, **kwargs)
-        return passes if PASS[0] in dict(passes) else [*passes, PASS]
-
-    monkeypatch.setattr(api, "pipeline", extended)
 
 
 def step_graph(model) -> tuple[torch.fx.GraphModule, int]:
@@ -74,6 +62,12 @@ def test_rope_with_another_user_stays():
     assert count(gm, ops.rope.default) == count(gm, ops.cached_attention.default) == 1
 
 
+def test_in_the_pipeline_unless_switched_off(monkeypatch):
+    assert PASS in pipeline()
+    monkeypatch.setenv("TRTLLM_ROPE_ATTENTION", "0")
+    assert PASS[0] not in dict(pipeline())
+
+
 def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt], device=model.device)
     return model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, len(prompt):].tolist()
@@ -83,8 +77,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [3], [1, 250
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "GPTNeoX"])  # + softcap, window; partial rotary
-def test_compiled_greedy_equals_transformers(arch, monkeypatch):
-    with_rope_attention(monkeypatch)
+def test_compiled_greedy_equals_transformers(arch):
     model = make_family(arch) if arch == "GPTNeoX" else make_model(arch)
     llm = trtllm.compile(model, dtype="fp32", max_batch_size=4)
     assert count(llm.engine.graph, ops.rope_cached_attention.default) == model.config.num_hidden_layers
@@ -100,7 +93,6 @@ def test_compiled_greedy_on_gpu(monkeypatch):
     attention, its counters shared by every layer and replay): each token greedy under the
     float32 model up to bf16 near-ties (tests/frontend/test_end_to_end.py's rule), and the
     logits of a decode step equal to the unfused kernels' up to bf16 rounding."""
-    with_rope_attention(monkeypatch)
     model = make_model("llama").to("cuda", torch.bfloat16)
     llm = trtllm.compile(model, dtype="bf16", device="cuda", max_batch_size=4)
     assert count(llm.engine.graph, ops.rope_cached_attention.default) == model.config.num_hidden_layers
