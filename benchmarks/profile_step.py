@@ -11,7 +11,12 @@ engine's (bf16, fp8, int8, int4). Weights are generated (trtllm.frontend.bench.m
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import math
+import pstats
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -58,8 +63,35 @@ def profile_step(shape: str, batch: str, context: int, rows: int, dtype: str) ->
     print(f"GPU time per step {total / 1e3:.3f} ms (kernels only, no gaps)")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:rows]:
         print(f"  {e.device_time_total / steps / 1e3:8.3f} ms  x{e.count // steps:4d}  {e.key[:110]}")
+    print(f"wall time per step {_wall_ms(step):.3f} ms (host launches and gaps included)")
+    _host_profile(step, rows)
     del llm, model
     torch.cuda.empty_cache()
+
+
+def _wall_ms(step, repeats: int = 5) -> float:
+    """Median wall time of one step, synchronized before and after."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _host_profile(step, rows: int) -> None:
+    """The host's functions by own time over one step (cProfile; the GPU synchronized after)."""
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(rows)
+    print("host functions by own time over one step:\n" + "\n".join(out.getvalue().splitlines()[4:]))
 
 
 def main() -> None:

@@ -26,29 +26,33 @@ from torch import Tensor
 from .gemm import gemm_act_cublas
 
 INT4_BLOCK = 32  # int4 weights per 16-byte block of pack_int4's layout
-WO_DEQUANT_MIN_TOKENS = 128  # from this many tokens of x on, wo_gemm dequantizes and runs cuBLAS
+# From this many tokens of x on, wo_gemm dequantizes and runs cuBLAS, by weight bits. H100,
+# Llama-3-8B's GEMMs in bf16 (benchmarks/quant_prefill.py, 2026-11-25): int4's Triton tiles
+# lose from 128 tokens on, int8's (half the unpacking) from between 256 and 2048.
+WO_DEQUANT_MIN_TOKENS = {4: 128, 8: 512}
 
-_BLOCK_N, _BLOCK_K = 16, 256
+_BLOCK_N, _BLOCK_K = 16, 256  # K is a multiple of 32 (int4) or masked (int8)
 
 
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[n, k] = q[n, k] * scales[n, k // GROUP_SIZE] for a [BLOCK_N, BLOCK_K] tile. int4:
-    weight w of a 32-weight block is nibble i = w // 4 of int32 word j = w % 4, that is byte
-    4j + i // 2 of the block's 16, bits 4 (i % 2) and up (pack_int4's layout)."""
+    """out[n, k] = q[n, k] * scales[n, k // GROUP_SIZE] for a [BLOCK_N, BLOCK_K] tile. int4 reads
+    its BLOCK_K // 2 bytes a row in one contiguous load and puts the nibbles in order: in each
+    32-weight block, nibble h of byte b of int32 word j is weight 4 (2b + h) + j (pack_int4)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)  # [BLOCK_N, BLOCK_K]
     rows = offs_n[:, None].to(tl.int64)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)  # [BLOCK_N, BLOCK_K]
     if BITS == 8:
         q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :], mask=mask, other=0).to(tl.float32)
     else:
-        w = offs_k % 32
-        nibble = w // 4
-        byte = (offs_k // 32) * 16 + 4 * (w % 4) + nibble // 2  # [BLOCK_K]
-        b = tl.load(w_ptr + rows * stride_wn + byte[None, :], mask=mask, other=0).to(tl.int32)
-        q = ((b >> (4 * (nibble % 2))[None, :]) & 15).to(tl.float32) - 8.0
+        offs_b = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # [BLOCK_K / 2] bytes
+        in_row = (offs_n[:, None] < N) & (offs_b[None, :] < K // 2)
+        b = tl.load(w_ptr + rows * stride_wn + offs_b[None, :], mask=in_row, other=0).to(tl.int32)
+        b = tl.reshape(b, (BLOCK_N, BLOCK_K // 32, 4, 4))  # [n, block, word j, byte b]
+        nibbles = tl.join(b & 15, b >> 4)  # [n, block, j, b, h]
+        q = tl.reshape(tl.permute(nibbles, (0, 1, 3, 4, 2)), (BLOCK_N, BLOCK_K)).to(tl.float32) - 8.0
     s = tl.load(s_ptr + rows * stride_sn + (offs_k // GROUP_SIZE)[None, :], mask=mask, other=0.0)
     out = q * s.to(tl.float32)
     tl.store(out_ptr + rows * stride_on + offs_k[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -75,6 +79,6 @@ def wo_gemm_dequant_cublas(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, gr
     return gemm_act_cublas(x, w, None if bias is None else bias.to(x.dtype), act)
 
 
-def use_dequant(x: Tensor) -> bool:
+def use_dequant(x: Tensor, bits: int) -> bool:
     """Whether wo_gemm's CUDA kernel takes the dequantize + cuBLAS path for x [..., K]."""
-    return math.prod(x.shape[:-1]) >= WO_DEQUANT_MIN_TOKENS and x.dtype in (torch.float16, torch.bfloat16)
+    return math.prod(x.shape[:-1]) >= WO_DEQUANT_MIN_TOKENS[bits] and x.dtype in (torch.float16, torch.bfloat16)

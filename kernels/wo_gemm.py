@@ -207,7 +207,7 @@ def wo_gemm_triton(x: Tensor, w_q: Tensor, scales: Tensor, bits: int, group_size
     float32 accumulation, bias and act in its epilogue, one rounding to x.dtype), or from
     WO_DEQUANT_MIN_TOKENS 16-bit tokens on the weight dequantized to x's dtype and cuBLAS
     (wo_dequant.py, its weight rounded once to x's dtype)."""
-    if use_dequant(x):
+    if use_dequant(x, bits):
         return wo_gemm_dequant_cublas(x, w_q, scales, bits, group_size, bias, act)
     return lowbit_gemm(x, w_q, scales, bits, group_size, bias=bias, act=act)
 

@@ -10,8 +10,8 @@ import torch
 import trtllm.kernels.wo_dequant as D
 import trtllm.kernels.wo_gemm as W
 
-# (bits, group_size, K): int8 per channel (K not a multiple of the tile) and grouped, int4 in groups of 32 and 128.
-FORMATS = [(8, 100, 100), (8, 32, 96), (4, 32, 96), (4, 128, 384)]
+# (bits, group_size, K): int8 per channel (K not a multiple of the tile) and grouped, int4 in groups of 32, 64, 128.
+FORMATS = [(8, 100, 100), (8, 32, 96), (4, 32, 96), (4, 128, 384), (4, 64, 320)]  # 320: a partial K tile
 
 
 def packed(bits, group_size, k, n=40, seed=0):
@@ -42,10 +42,11 @@ def test_dequant_cublas_matches_ref(act, bits, group_size, k):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_prefill_sizes_take_the_dequant_path():
-    x = torch.empty(D.WO_DEQUANT_MIN_TOKENS, 64, dtype=torch.bfloat16)
-    assert D.use_dequant(x) and not D.use_dequant(x[:-1])
-    assert not D.use_dequant(x.float())  # float32 keeps the Triton kernel's exact products
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prefill_sizes_take_the_dequant_path(bits):
+    x = torch.empty(D.WO_DEQUANT_MIN_TOKENS[bits], 64, dtype=torch.bfloat16)
+    assert D.use_dequant(x, bits) and not D.use_dequant(x[:-1], bits)
+    assert not D.use_dequant(x.float(), bits)  # float32 keeps the Triton kernel's exact products
 
 
 @pytest.mark.gpu
