@@ -234,7 +234,8 @@ GPU_HEADROOM = 0.9  # the default pool takes at most this share of the GPU memor
 
 def _num_blocks(engine: Engine, config: BuildConfig, max_seq_len: int) -> int:
     """KV blocks from `kv_cache_memory`: bytes, or a fraction of the GPU memory left once the
-    weights are loaded and the activations of the largest step (measured) have room; by
+    weights are loaded and the activations of the largest step (measured; twice over with CUDA
+    graphs, whose pool holds a prefill graph's) have room; by
     default enough for `max_batch_size` full sequences, within 90% of that memory."""
     spec = engine.spec
     per_block = KVCachePool.bytes_per_block(spec.num_layers, spec.num_kv_heads, config.block_size,
@@ -248,6 +249,8 @@ def _num_blocks(engine: Engine, config: BuildConfig, max_seq_len: int) -> int:
     elif engine.device.type == "cuda":
         peak = measure_activation_peak(engine, config.max_num_tokens, config.max_batch_size, config.block_size,
                                        max_seq_len)
+        if config.cuda_graphs:  # the graphs' pool keeps a one-sequence step's activations too (at most the peak)
+            peak *= 2
         left = torch.cuda.mem_get_info(engine.device)[0] - peak
         blocks = int(left * (budget or GPU_HEADROOM)) // per_block
         if budget is None:

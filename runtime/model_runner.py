@@ -9,11 +9,11 @@ its prompt computes no logits).
 Two kinds of step run from fixed input buffers (`_StepInputs`), padded to a bucket: steps of
 decodes alone, padded to a batch-size bucket (1, 2, 4, ..., max_batch_size), and steps of one
 sequence with at most `PREFILL_GRAPH_TOKENS` new tokens (a short prompt, or the last chunk of
-a long one), padded to a token-count bucket (16, 32, ..., 256). On a GPU each bucket's step is
+a long one), padded to a token-count bucket (16, 32, ..., 256, 512, 768, ..., 2048). On a GPU each bucket's step is
 a CUDA graph captured once (`capture`), all sharing one memory pool, and a step is "fill the
 buffers in place, replay": the GPU never waits for the host's launches of hundreds of
-kernels. Every other step (several prefills, or prefills mixed with decodes: large, GPU-bound)
-runs eagerly, its inputs built fresh. A burst
+kernels. Every other step (several prefills, or prefills mixed with decodes: large, and
+GPU-bound at Llama-3-8B's 8192-token steps) runs eagerly, its inputs built fresh. A burst
 (`decode(..., num_steps=K)`) runs K decode steps back to back with no host round trip: each
 step's sampled tokens are written on the device into the next step's inputs, and positions,
 context lengths and cache slots advance there too; the host reads the K tokens once at the end.
@@ -45,8 +45,13 @@ from .step_kernels import advance_ref, advance_triton
 GREEDY = "greedy"
 Sampler = Callable[[torch.Tensor], torch.Tensor] | str  # logits [n, V] -> tokens [n], or GREEDY
 
-PREFILL_GRAPH_TOKENS = 256  # one-sequence steps of at most this many new tokens replay graphs too
+# One-sequence steps of at most this many new tokens replay graphs too. Not only short ones:
+# an eager step launches ~400 kernels (Llama-3-8B), and on an H100 the host's launches took
+# longer than the kernels even at 2048 tokens (fp8: 59.7 ms wall, 33.4 ms of kernels; bf16:
+# 50.8 ms wall; benchmarks/profile_step.py, 2026-11-25).
+PREFILL_GRAPH_TOKENS = 2048
 _FIRST_PREFILL_BUCKET = 16
+_PREFILL_BUCKET_STEP = 256  # above this many tokens, a bucket every 256 (padding under 256 tokens)
 
 
 def graph_buckets(max_batch_size: int) -> list[int]:
@@ -56,11 +61,13 @@ def graph_buckets(max_batch_size: int) -> list[int]:
 
 
 def prefill_buckets(max_num_tokens: int) -> list[int]:
-    """Token counts of one-sequence steps that get their own graph: 16, 32, ... below
-    min(max_num_tokens, PREFILL_GRAPH_TOKENS), and that limit."""
+    """Token counts of one-sequence steps that get their own graph, below limit =
+    min(max_num_tokens, PREFILL_GRAPH_TOKENS): powers of two from 16 to 256, then every 256
+    tokens; and the limit."""
     limit = min(max_num_tokens, PREFILL_GRAPH_TOKENS)
-    buckets = [b for b in graph_buckets(limit) if _FIRST_PREFILL_BUCKET <= b < limit]
-    return buckets + [limit]
+    small = [b for b in graph_buckets(min(limit, _PREFILL_BUCKET_STEP)) if _FIRST_PREFILL_BUCKET <= b < limit]
+    large = list(range(2 * _PREFILL_BUCKET_STEP, limit, _PREFILL_BUCKET_STEP))
+    return small + large + [limit]
 
 
 class ModelRunner:

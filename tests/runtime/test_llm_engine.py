@@ -244,7 +244,8 @@ def test_greedy_bursts_take_the_argmax_inside_the_step():
 
 
 def test_short_one_sequence_steps_run_padded_in_token_buckets():
-    assert prefill_buckets(2048) == [16, 32, 64, 128, 256]
+    assert prefill_buckets(8192) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+    assert prefill_buckets(1000) == [16, 32, 64, 128, 256, 512, 768, 1000]
     assert prefill_buckets(100) == [16, 32, 64, 100] and prefill_buckets(8) == [8]
     model = make_model("llama")
     llm = trtllm.compile(model, dtype="fp32", max_num_tokens=16, max_batch_size=4, max_seq_len=64)
@@ -266,7 +267,7 @@ def test_cuda_graphs_replay_the_eager_steps():
     graphs = trtllm.compile(model, **kwargs)
     eager = trtllm.compile(model, cuda_graphs=False, **kwargs)
     runner = graphs.runtime.runner
-    assert runner.num_graphs == 4 + len(runner.prefill_buckets) == 9 and eager.runtime.runner.num_graphs == 0
+    assert runner.num_graphs == 4 + len(runner.prefill_buckets) == 4 + 12 and eager.runtime.runner.num_graphs == 0
     params = [trtllm.SamplingParams(max_new_tokens=20, ignore_eos=True),
               trtllm.SamplingParams(max_new_tokens=17, temperature=0.8, top_p=0.9, seed=4, ignore_eos=True),
               trtllm.SamplingParams(max_new_tokens=9, temperature=1.0, top_k=5, seed=5, ignore_eos=True)]
