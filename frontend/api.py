@@ -46,7 +46,8 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
 
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
     done("trace")
-    reports = run_passes(traced.graph_module, pipeline(patterns, quantization=config.quantization()))
+    reports = run_passes(traced.graph_module, pipeline(
+        patterns, quantization=config.quantization(), quantize_lm_head=config.quantize_lm_head))
     done("fusion")
     weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
     weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them

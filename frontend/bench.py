@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from trtllm.kernels.errors import ConfigError
 
-from .config import ALL_DTYPES, DTYPES, QUANTIZED_DTYPES, BuildConfig
+from .config import ALL_DTYPES, DTYPES, QUANTIZED_DTYPES, BuildConfig, parse_dtype_variant
 from .tiny import TINY_CONFIG
 
 _LLAMA3 = dict(max_position_embeddings=131072, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
@@ -74,9 +74,8 @@ class BenchConfig:
             raise ConfigError(f"unknown bench model {self.model!r}; use one of {sorted(SHAPES)}")
         if not self.dtypes:
             raise ConfigError(f"no dtype to measure; give one or more of {list(ALL_DTYPES)}")
-        unknown = [d for d in self.dtypes if d not in ALL_DTYPES]
-        if unknown:
-            raise ConfigError(f"unknown dtype(s) {unknown}; use any of {list(ALL_DTYPES)}")
+        for dtype in self.dtypes:
+            parse_dtype_variant(dtype)
         if len(set(self.dtypes)) != len(self.dtypes):
             raise ConfigError(f"dtypes {list(self.dtypes)} name one twice")
         unknown = set(self.baselines) - set(BASELINES)
@@ -210,14 +209,21 @@ def _median_run(llm, prompts, params, repeats: int) -> dict:
     return sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
 
 
-def _compile(model, dtype: str, config: BenchConfig, device: torch.device):
-    """Compile, then one token: the time a user waits from a loaded model to its first token."""
+def _quantized(variant: str) -> bool:
+    return parse_dtype_variant(variant)[0] in QUANTIZED_DTYPES
+
+
+def _compile(model, variant: str, config: BenchConfig, device: torch.device):
+    """Compile, then one token: the time a user waits from a loaded model to its first token.
+    variant: a dtype, or a quantized one + "+lm_head" (config.parse_dtype_variant)."""
     import trtllm
 
+    dtype, quantize_lm_head = parse_dtype_variant(variant)
     _sync(device)
     start = time.perf_counter()
     llm = trtllm.compile(model, dtype=dtype, device=str(device), max_batch_size=config.max_batch_size,
-                         max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens)
+                         max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens,
+                         quantize_lm_head=quantize_lm_head)
     first = llm.generate(_prompts(1, 16, model.config.vocab_size, 0),
                          trtllm.SamplingParams(max_new_tokens=1, ignore_eos=True))
     _sync(device)
@@ -282,9 +288,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     config.validate()
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    compute = {d: BuildConfig(dtype=d, device=str(device)).compute_dtype() for d in config.dtypes}
+    compute = {d: BuildConfig(dtype=parse_dtype_variant(d)[0], device=str(device)).compute_dtype()
+               for d in config.dtypes}
     model_dtype = compute[config.dtypes[0]]
-    order = sorted(config.dtypes, key=lambda d: d in QUANTIZED_DTYPES)  # references before what they check
+    order = sorted(config.dtypes, key=_quantized)  # references before what they check
     result: dict = {"model": config.model, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                     "torch": torch.__version__, "config": dataclasses.asdict(config), "model_dtype": model_dtype}
     stages = ["roofline", "model", *(f"{d} {s}" for d in order for s in ("compile", "batch-1 decode", "ttft",
@@ -303,7 +310,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     model = make_model(config.model, DTYPES[model_dtype], device)
     vocab = model.config.vocab_size
     ids = torch.tensor(_prompts(*config.accuracy_prompts, vocab, ACCURACY_SEED), device=device)  # [P, L]
-    needed = {compute[d] for d in order if d in QUANTIZED_DTYPES}  # unquantized dtypes to check against
+    needed = {compute[d] for d in order if _quantized(d)}  # unquantized dtypes to check against
     references: dict[str, torch.Tensor] = {}  # compute dtype -> its engine's logits [P, L, V]
     measured: dict[str, dict] = {}
     for dtype in order:
@@ -315,12 +322,12 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             measured[dtype]["roofline_tok_s"] = round(bandwidth / weight_bytes, 1)
         measured[dtype].update(_speed(llm, config, vocab, lambda name, d=dtype: stage(f"{d} {name}")))
         stage(f"{dtype} accuracy")
-        logits = _logits(llm, ids) if dtype in needed or dtype in QUANTIZED_DTYPES else None
+        logits = _logits(llm, ids) if dtype in needed or _quantized(dtype) else None
         del llm
         _free(device)
         if dtype in needed:
             references[dtype] = logits
-        elif dtype in QUANTIZED_DTYPES:
+        elif _quantized(dtype):
             reference = compute[dtype]
             if reference not in references:
                 references[reference] = _reference_logits(model, reference, ids, device)

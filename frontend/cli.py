@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from trtllm.kernels.errors import TrtllmError
+from trtllm.kernels.errors import ConfigError, TrtllmError
 
-from .config import ALL_DTYPES, QUANTIZED_DTYPES, BuildConfig
+from .config import ALL_DTYPES, LM_HEAD_SUFFIX, QUANTIZED_DTYPES, BuildConfig, parse_dtype_variant
 
 
 def _load_model(name: str, dtype: torch.dtype | None):
@@ -152,12 +152,13 @@ def _throughput_spec(text: str) -> tuple[tuple[int, int, int], ...]:
 
 
 def _dtype_list(text: str) -> tuple[str, ...]:
-    """'bf16,fp8,int4' -> ('bf16', 'fp8', 'int4')."""
+    """'bf16,fp8,int4+lm_head' -> ('bf16', 'fp8', 'int4+lm_head')."""
     dtypes = tuple(text.split(","))
-    unknown = [d for d in dtypes if d not in ALL_DTYPES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"{text!r}: unknown dtype(s) {unknown}; give any of {', '.join(ALL_DTYPES)}, "
-                                         "comma-separated")
+    for dtype in dtypes:
+        try:
+            parse_dtype_variant(dtype)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     if len(set(dtypes)) != len(dtypes):
         raise argparse.ArgumentTypeError(f"{text!r} names a dtype twice")
     return dtypes
@@ -241,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (run, build):
         sub.add_argument("--dtype", choices=ALL_DTYPES, help=dtypes)
     bench.add_argument("--dtype", type=_dtype_list, help=f"{dtypes}; several, comma-separated, are measured one "
-                       "after another (the model and transformers' baselines in the first one's compute dtype)")
+                       "after another (the model and transformers' baselines in the first one's compute dtype); "
+                       f"a quantized one with {LM_HEAD_SUFFIX} quantizes the LM head too")
     for sub in (run, build, bench):
         sub.add_argument("--device", help="default: cuda if available, else cpu")
     return parser

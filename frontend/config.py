@@ -17,6 +17,18 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTIZED_DTYPES = ("fp8", "int8", "int4")
 QUANTIZED_COMPUTE = {"cuda": "bf16", "cpu": "fp32"}  # by device type; other devices: fp32
 ALL_DTYPES = (*DTYPES, *QUANTIZED_DTYPES)
+LM_HEAD_SUFFIX = "+lm_head"  # "int4+lm_head" (CLI and bench): the dtype with quantize_lm_head=True
+
+
+def parse_dtype_variant(text: str) -> tuple[str, bool]:
+    """'int4' -> ('int4', False); 'int4+lm_head' -> ('int4', True): a dtype, and whether its LM
+    head is quantized too (quantized dtypes only). ConfigError naming the text otherwise."""
+    dtype = text.removesuffix(LM_HEAD_SUFFIX)
+    lm_head = dtype != text
+    if dtype not in ALL_DTYPES or (lm_head and dtype not in QUANTIZED_DTYPES):
+        raise ConfigError(f"unknown dtype {text!r}; use one of {list(ALL_DTYPES)}, or a quantized one with "
+                          f"{LM_HEAD_SUFFIX!r} (e.g. 'int4{LM_HEAD_SUFFIX}') to quantize the LM head too")
+    return dtype, lm_head
 FP8_MIN_CAPABILITY = (8, 9)  # E4M3 tensor cores: Ada and Hopper on
 BACKENDS = ("native", "tensorrt")
 
@@ -28,6 +40,7 @@ class BuildConfig:
     max_seq_len: int | None = None  # prompt + generated tokens (None: the model's positions, at most 2048)
     max_num_tokens: int = 2048  # tokens in one step; longer prompts are split
     kv_cache_dtype: str | None = None  # None: the compute dtype
+    quantize_lm_head: bool = False  # a quantized dtype's LM head in that format too (default: the compute dtype)
     kv_cache_memory: int | float | None = None  # bytes, or a fraction of the GPU memory left after weights and the measured activation peak (None: enough for max_batch_size full sequences, within 90% of it)
     block_size: int = 32  # tokens per KV-cache block
     tensor_parallel: int = 1  # GPUs per model (only 1 for now)
@@ -63,6 +76,9 @@ class BuildConfig:
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; leave it None (the cache is kept "
                 f"in the compute dtype, {self.compute_dtype()})"
             )
+        if self.quantize_lm_head and self.dtype not in QUANTIZED_DTYPES:
+            raise ConfigError(f"quantize_lm_head=True needs a quantized dtype ({', '.join(QUANTIZED_DTYPES)}), "
+                              f"got dtype={self.dtype!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; use one of {BACKENDS}")
         if self.backend == "tensorrt":

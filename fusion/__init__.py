@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from trtllm.kernels import envs
-from trtllm.kernels.quant import WEIGHT_FORMATS
 
 from .add_rmsnorm import fuse_add_rmsnorm
 from .attention import canonicalize_eager_attention, canonicalize_sdpa
@@ -59,11 +58,12 @@ FUSE: tuple[tuple[str, Pass], ...] = (
     ("gemm_act", fuse_gemm_act),  # linear (+ bias) + relu / gelu / silu -> one op
     ("add_rmsnorm", fuse_add_rmsnorm),  # residual add + RMSNorm -> one op
 )
-# Weight quantization by format, run only for a quantized dtype: linear layers (not the LM
-# head) -> quantize_fp8 + fp8_gemm, or wo_gemm; lowering quantizes their weights once.
-QUANTIZE: dict[str, tuple[tuple[str, Pass], ...]] = {
-    fmt: ((f"quantize_{fmt}", functools.partial(quantize_linears, fmt=fmt)),) for fmt in WEIGHT_FORMATS
-}
+# Weight quantization by format, run only for a quantized dtype: linear layers (the LM head
+# only when asked) -> fp8_gemm, or wo_gemm; lowering quantizes their weights once.
+def quantize_passes(fmt: str | None, lm_head: bool = False) -> tuple[tuple[str, Pass], ...]:
+    if fmt is None:
+        return ()
+    return ((f"quantize_{fmt}", functools.partial(quantize_linears, fmt=fmt, lm_head=lm_head)),)
 # The step graph: LM head on sampled rows only, attention over the paged KV cache, then rope
 # folded into that attention (one kernel for a small decode step's rope, cache write and
 # attention), unless TRTLLM_ROPE_ATTENTION=0.
@@ -112,9 +112,11 @@ def pattern_passes(patterns: Iterable[Pattern]) -> list[tuple[str, Pass]]:
     return [(f"pattern:{p.name}", p.apply) for p in chosen]
 
 
-def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None) -> list[tuple[str, Pass]]:
-    """The passes a compile runs, in order; `quantization`: a key of QUANTIZE, or None."""
-    quantize = () if quantization is None else QUANTIZE[quantization]
+def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None,
+             quantize_lm_head: bool = False) -> list[tuple[str, Pass]]:
+    """The passes a compile runs, in order; `quantization`: one of WEIGHT_FORMATS, or None;
+    `quantize_lm_head`: the LM head in that format too."""
+    quantize = quantize_passes(quantization, quantize_lm_head)
     rope_attention = ROPE_ATTENTION if envs.rope_attention() else ()
     return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *STEP, *rope_attention,
             *DECODE[envs.decode_fusion()]]

@@ -20,6 +20,7 @@ from trtllm.kernels.errors import LoweringError
 from .graph import add_input, call, fake_mode, new_size
 
 aten = torch.ops.aten
+
 # Ops that act on each row of the logits alone, so they commute with the row gather.
 ROW_WISE = {
     aten._to_copy.default, aten.clone.default, aten.tanh.default, aten.neg.default,
@@ -28,10 +29,17 @@ ROW_WISE = {
 }
 
 
+def _is_head(node: Node) -> bool:
+    """A linear layer, or one the quantize pass rewrote (quantize_lm_head=True); each takes the
+    hidden rows as its first argument. The trtllm ops are looked up now, not at import."""
+    ops = torch.ops.trtllm
+    return node.target in (aten.linear.default, ops.fp8_gemm.default, ops.wo_gemm.default)
+
+
 def _path_from_lm_head(logits: Node) -> list[Node]:
     """[linear, row-wise ops..., logits]: the LM head and what follows it."""
     node, path = logits, [logits]
-    while node.target is not aten.linear.default:
+    while not _is_head(node):
         inputs = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
         if node.target not in ROW_WISE or len(inputs) != 1:
             raise LoweringError(

@@ -24,7 +24,8 @@ W is any weight-only value: a weight (get_attr) or what the fuse passes built fr
 linear layer too: its weight is quantized as t(W). quantize_weight reads weights only, so lowering computes it once when it
 prepares the weights (`lowering/fold.py`): the engine reads the quantized tensors, and the
 float weights are dropped. Left as they are: the LM head (the linear whose rows become the
-logits; issue 6 keeps it in the compute dtype), MoE routers (linears whose output picks experts
+logits; issue 6 keeps it in the compute dtype unless asked: `quantize_lm_head=True`, which
+halves or quarters the largest single weight a decode step reads), MoE routers (linears whose output picks experts
 through topk: a rounding that flips a choice changes the whole MLP, and they are tiny),
 embeddings (not linear layers), linears whose weight depends on activations, and int4 linears
 whose K no group size divides (`quant.weight_group_size`: a tiny model's K of 64 takes groups
@@ -103,18 +104,18 @@ def _pair(gm: GraphModule, target, *args) -> tuple[Node, Node]:
     return call(gm, operator.getitem, both, 0), call(gm, operator.getitem, both, 1)
 
 
-def quantize_linears(gm: GraphModule, fmt: str) -> int:
-    """Rewrite every linear layer with a weight-only weight (not the LM head, not an MoE
-    router) into `fmt`'s GEMM, in place; returns how many were rewritten."""
+def quantize_linears(gm: GraphModule, fmt: str, lm_head: bool = False) -> int:
+    """Rewrite every linear layer with a weight-only weight (not the LM head unless `lm_head`,
+    not an MoE router) into `fmt`'s GEMM, in place; returns how many were rewritten."""
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"quantize_linears: format {fmt!r} is not one of {WEIGHT_FORMATS}")
-    lm_head = find_lm_head(gm)
+    kept = None if lm_head else find_lm_head(gm)
     weight_only = _weight_only(gm)
     weights: dict[tuple[Node, bool], tuple[Node, Node]] = {}  # (W, transposed) -> (w_q, scales)
     rewrites = 0
     for node in list(gm.graph.nodes):
         parts = _linear_parts(node)
-        if parts is None or node is lm_head or _picks_experts(node):
+        if parts is None or node is kept or _picks_experts(node):
             continue
         x, weight, bias, act, transposed = parts
         constant = weight in weight_only and (bias is None or bias in weight_only and bias.meta["val"].dim() == 1)

@@ -153,6 +153,37 @@ def test_save_load_gives_the_same_logits(quantized, tmp_path):
     assert torch.equal(loaded(IDS), llm(IDS))
 
 
+@pytest.mark.parametrize("name, fmt", [("llama", "int4"), ("gpt2", "fp8")])  # gpt2: the LM head tied to the embedding
+def test_quantize_lm_head(name, fmt, fp32_logits_of):
+    """quantize_lm_head=True: the LM head runs quantized too (one GEMM more, its error straight
+    in the logits: still within the bound), and a tied embedding keeps the float weight."""
+    module = MODELS[name]()
+    llm = trtllm.compile(module, dtype=fmt, device="cpu", max_batch_size=4, quantize_lm_head=True)
+    graph = llm.engine.graph
+    op = getattr(torch.ops.trtllm, QUANTIZED_OPS[fmt]).default
+    assert sum(n.target is op for n in graph.nodes) == NUM_LINEARS[name] + 1
+    assert not any(n.target is torch.ops.aten.linear.default for n in graph.nodes)
+    embeddings = [llm.engine.weights[n.args[0].target] for n in graph.nodes if n.target is torch.ops.aten.embedding.default]
+    assert any(torch.equal(t, module.get_input_embeddings().weight) for t in embeddings)
+    reference = fp32_logits_of(module)
+    rel = ((llm(IDS) - reference).abs().max() / reference.abs().max()).item()
+    assert EPS[fmt] / 4 <= rel <= 6 * EPS[fmt], f"{name} {fmt}: {rel:.4f} = {rel / EPS[fmt]:.2f} EPS"
+    assert len(llm.generate([[5, 6, 7]], trtllm.SamplingParams(max_new_tokens=4))[0].token_ids) == 4
+
+
+def test_quantize_lm_head_needs_a_quantized_dtype():
+    with pytest.raises(trtllm.ConfigError, match="quantize_lm_head=True needs a quantized dtype"):
+        BuildConfig(dtype="bf16", quantize_lm_head=True).validate()
+
+
+@pytest.fixture
+def fp32_logits_of():
+    def logits(module):
+        with torch.no_grad():
+            return module(IDS).logits  # [B, S, V]
+    return logits
+
+
 GPU_IMPLEMENTATIONS = {
     "fp8": ["trtllm::fp8_gemm: fp8_gemm, _scaled_mm or triton by measurement x 16"],  # no quantize_fp8: inside
     "int8": ["trtllm::wo_gemm: triton x 16"],
