@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from trtllm.fusion import Pattern, format_report, pipeline, run_passes
+from trtllm.fusion.kv_cache_fp8 import kv_scale_weights
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
 from trtllm.lowering.fold import fold_weights
@@ -20,14 +21,18 @@ from trtllm.runtime.llm_engine import LLMEngine, RuntimeConfig
 from trtllm.runtime.model_runner import measure_activation_peak
 from trtllm.runtime.sampling_params import SamplingParams
 
-from .config import BuildConfig
+from .config import KV_CACHE_FP8, BuildConfig
+from .kv_scales import set_kv_scales
 from .tracer import trace
 
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
-def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -> CompiledModel:  # noqa: A001
-    """Trace, fuse and lower `model` into an engine; see `BuildConfig` for the options."""
+def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_prompts=None,  # noqa: A001
+            **options) -> CompiledModel:
+    """Trace, fuse and lower `model` into an engine; see `BuildConfig` for the options.
+    calibration_prompts (token-id lists, or strings with a tokenizer): with kv_cache_dtype="fp8",
+    the prompts whose keys and values set the cache's scales (frontend/kv_scales.py)."""
     unknown = set(options) - {f.name for f in dataclasses.fields(BuildConfig)}
     if unknown:
         raise ConfigError(f"unknown compile option(s) {sorted(unknown)}")
@@ -36,6 +41,9 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
             raise ConfigError(f"patterns must hold trtllm.fusion.Pattern objects, got {type(pattern).__name__}")
     config = BuildConfig(**options)
     config.validate()
+    kv_fp8 = config.kv_cache_dtype == KV_CACHE_FP8
+    if calibration_prompts is not None and not kv_fp8:
+        raise ConfigError("calibration_prompts set the scales of an FP8 KV cache: pass kv_cache_dtype='fp8' too")
     stages: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -46,13 +54,20 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
 
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
     done("trace")
-    reports = run_passes(traced.graph_module, pipeline(patterns, quantization=config.quantization()))
+    reports = run_passes(traced.graph_module, pipeline(patterns, quantization=config.quantization(),
+                                                       kv_cache_fp8=kv_fp8))
     done("fusion")
-    weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
+    weights = {**traced.weights, **kv_scale_weights(traced.graph_module)}
+    weights = prepare_weights(traced.graph_module, weights, config.torch_device())
     weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them
     done("weights")
     engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
+    if kv_fp8:
+        prompts = None if calibration_prompts is None else [
+            tokenizer.encode(p) if isinstance(p, str) and tokenizer is not None else p for p in calibration_prompts]
+        set_kv_scales(engine, model, prompts, config.block_size, _runtime_config(engine, config).max_seq_len)
+        done("kv_scales")
     compiled = CompiledModel(engine, config, tokenizer=tokenizer)
     done("runtime")  # sizing the KV cache, capturing CUDA graphs
     compiled.compile_seconds = sum(stages.values())
@@ -238,7 +253,7 @@ def _num_blocks(engine: Engine, config: BuildConfig, max_seq_len: int) -> int:
     default enough for `max_batch_size` full sequences, within 90% of that memory."""
     spec = engine.spec
     per_block = KVCachePool.bytes_per_block(spec.num_layers, spec.num_kv_heads, config.block_size,
-                                            spec.head_dim, engine.dtype)
+                                            spec.head_dim, engine.kv_cache_dtype)  # fp8: 1 byte a value
     per_sequence = math.ceil(max_seq_len / config.block_size)
     budget = config.kv_cache_memory
     if isinstance(budget, float) and engine.device.type != "cuda":

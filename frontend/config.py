@@ -19,6 +19,7 @@ QUANTIZED_COMPUTE = {"cuda": "bf16", "cpu": "fp32"}  # by device type; other dev
 ALL_DTYPES = (*DTYPES, *QUANTIZED_DTYPES)
 FP8_MIN_CAPABILITY = (8, 9)  # E4M3 tensor cores: Ada and Hopper on
 BACKENDS = ("native", "tensorrt")
+KV_CACHE_FP8 = "fp8"  # kv_cache_dtype of an E4M3 cache
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class BuildConfig:
     max_batch_size: int = 8  # sequences in one step
     max_seq_len: int | None = None  # prompt + generated tokens (None: the model's positions, at most 2048)
     max_num_tokens: int = 2048  # tokens in one step; longer prompts are split
-    kv_cache_dtype: str | None = None  # None: the compute dtype
+    kv_cache_dtype: str | None = None  # None or the compute dtype's name, or "fp8" (E4M3 with per-layer K and V scales: half the bytes of bf16)
     kv_cache_memory: int | float | None = None  # bytes, or a fraction of the GPU memory left after weights and the measured activation peak (None: enough for max_batch_size full sequences, within 90% of it)
     block_size: int = 32  # tokens per KV-cache block
     tensor_parallel: int = 1  # GPUs per model (only 1 for now)
@@ -58,10 +59,11 @@ class BuildConfig:
     def validate(self) -> None:
         if self.dtype not in DTYPES and self.dtype not in QUANTIZED_DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {list(ALL_DTYPES)}")
-        if self.kv_cache_dtype not in (None, self.compute_dtype()):
+        kv_dtypes = (None, self.compute_dtype(), KV_CACHE_FP8)
+        if self.kv_cache_dtype not in kv_dtypes:
             raise ConfigError(
-                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; leave it None (the cache is kept "
-                f"in the compute dtype, {self.compute_dtype()})"
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one of {list(kv_dtypes)} (None: the "
+                f"compute dtype, {self.compute_dtype()}; {KV_CACHE_FP8!r}: E4M3 with a K and a V scale per layer)"
             )
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; use one of {BACKENDS}")
@@ -79,11 +81,14 @@ class BuildConfig:
         device = self.torch_device()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={self.device!r} asked for, but torch sees no CUDA GPU")
-        if self.dtype == "fp8" and device.type == "cuda":
+        if "fp8" in (self.dtype, self.kv_cache_dtype) and device.type == "cuda":
             capability = torch.cuda.get_device_capability(device)
             if capability < FP8_MIN_CAPABILITY:
+                field = "dtype" if self.dtype == "fp8" else "kv_cache_dtype"
                 raise ConfigError(
-                    f"dtype='fp8' needs FP8 tensor cores (compute capability {FP8_MIN_CAPABILITY[0]}."
+                    f"{field}='fp8' needs FP8 tensor cores (compute capability {FP8_MIN_CAPABILITY[0]}."
                     f"{FP8_MIN_CAPABILITY[1]} or later); {torch.cuda.get_device_name(device)} has "
-                    f"{capability[0]}.{capability[1]}: use dtype='int8' or 'int4' (weight-only) instead"
+                    f"{capability[0]}.{capability[1]}: "
+                    + ("use dtype='int8' or 'int4' (weight-only) instead" if field == "dtype"
+                       else "leave kv_cache_dtype None")
                 )
