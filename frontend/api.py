@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from trtllm.fusion import Pattern, format_report, pipeline, run_passes
+from trtllm.fusion import PassReport, Pattern, format_report, pipeline, run_passes
 from trtllm.fusion.kv_cache_fp8 import kv_scale_weights
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
@@ -22,6 +22,7 @@ from trtllm.runtime.model_runner import measure_activation_peak
 from trtllm.runtime.sampling_params import SamplingParams
 
 from .config import KV_CACHE_FP8, BuildConfig
+from .fp8_checkpoint import checkpoint_fp8_weights, use_checkpoint_fp8
 from .kv_scales import set_kv_scales
 from .tracer import trace
 
@@ -58,6 +59,11 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
                                                        kv_cache_fp8=kv_fp8))
     done("fusion")
     weights = {**traced.weights, **kv_scale_weights(traced.graph_module)}
+    if config.quantization() == "fp8":  # an FP8 checkpoint's weights and scales, where fp8_gemm takes them
+        start = time.perf_counter()
+        kept, checkpoint = use_checkpoint_fp8(traced.graph_module, checkpoint_fp8_weights(model))
+        weights.update(checkpoint)
+        reports.append(PassReport("checkpoint_fp8", kept, time.perf_counter() - start))
     weights = prepare_weights(traced.graph_module, weights, config.torch_device())
     weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them
     done("weights")
