@@ -170,3 +170,27 @@ def test_kv_cache_fp8_on_gpu_in_bf16(model):
         logits = llm([prompt + out.token_ids])[0, len(prompt) - 1: -1].float()  # [24, V]
         chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
         assert ((logits.max(dim=1).values - chosen) / logits.abs().max()).max() <= 2e-2
+
+
+@pytest.mark.parametrize("rope_first", [True, False])
+def test_rope_cached_attention_reads_the_fp8_cache(model, kv_fp8, monkeypatch, rope_first):
+    """With fusion/rope_attention.py in the pipeline, before or after kv_cache_fp8, every layer
+    is one rope_cached_attention reading its scales; on CPU its reference is the composition
+    it replaces, so the logits are kv_fp8's exactly (the same calibrated scales)."""
+    import trtllm.frontend.api as api
+    from trtllm.fusion.rope_attention import fuse_rope_attention
+
+    plain = api.pipeline
+
+    def with_rope(*args, **kwargs):
+        passes = plain(*args, **kwargs)
+        at = [name for name, _ in passes].index("kv_cache_fp8") + (0 if rope_first else 1)
+        return [*passes[:at], ("rope_attention", fuse_rope_attention), *passes[at:]]
+
+    monkeypatch.setattr(api, "pipeline", with_rope)
+    llm = trtllm.compile(model, dtype="fp32", kv_cache_dtype="fp8", device="cpu", max_batch_size=4,
+                         calibration_prompts=CALIBRATION)
+    fused = [n for n in llm.engine.graph.nodes if n.target is torch.ops.trtllm.rope_cached_attention.default]
+    assert len(fused) == 4 and all(n.args[16].target == f"kv_scales_{i}" for i, n in enumerate(fused))
+    assert llm.runtime.pool.buffer.dtype == torch.float8_e4m3fn
+    assert torch.equal(llm(IDS), kv_fp8(IDS))
