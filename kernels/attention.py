@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import attention_triton as _triton
 from . import rope as _rope
-from .kv_quant import check_kv_scales, dequantize_kv_ref, is_fp8, quantize_kv_ref
+from .kv_quant import KV_CACHE_FP8, as_bytes, check_kv_scales, dequantize_kv_ref, is_fp8, quantize_kv_ref
 from .rope import rope_ref
 
 
@@ -271,8 +271,8 @@ def _write_kv(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor, kv_s
     slots = slot_mapping[keep]  # [T']
     kv = torch.stack((k[keep], v[keep]), dim=1)  # [T', 2, Hkv, D]
     kv = quantize_kv_ref(kv, kv_scales[:, None, None]) if is_fp8(kv_cache) else kv.to(kv_cache.dtype)
-    by_slot = kv_cache.permute(0, 3, 1, 2, 4)  # [num_blocks, bs, 2, Hkv, D], a view
-    by_slot[slots // block_size, slots % block_size] = kv
+    by_slot = as_bytes(kv_cache).permute(0, 3, 1, 2, 4)  # [num_blocks, bs, 2, Hkv, D], a view
+    by_slot[slots // block_size, slots % block_size] = as_bytes(kv)
 
 
 def _gather_kv(
@@ -288,9 +288,9 @@ def _gather_kv(
     valid = pos < ctx_lens[:, None]  # [N, L]
     # Table entries past the context may hold anything (-1, stale ids): read block 0 instead.
     blocks = torch.where(valid, block_tables.long()[:, pos // block_size], 0)  # [N, L]
-    kv = kv_cache.permute(0, 3, 1, 2, 4)[blocks, pos % block_size]  # [N, L, 2, Hkv, D]
+    kv = as_bytes(kv_cache).permute(0, 3, 1, 2, 4)[blocks, pos % block_size]  # [N, L, 2, Hkv, D]
     if is_fp8(kv_cache):
-        kv = dequantize_kv_ref(kv, kv_scales[:, None, None])
+        kv = dequantize_kv_ref(kv.view(KV_CACHE_FP8), kv_scales[:, None, None])
     # Zero what lies past the context: never-written cache memory may hold NaN, and 0 * NaN
     # would leak through the softmax weights.
     kv = kv.masked_fill(~valid[:, :, None, None, None], 0)

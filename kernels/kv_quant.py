@@ -33,6 +33,12 @@ def is_fp8(kv_cache: Tensor) -> bool:
     return kv_cache.dtype == KV_CACHE_FP8
 
 
+def as_bytes(t: Tensor) -> Tensor:
+    """An E4M3 tensor as uint8 (the same bits), any other as it is: the references index the
+    cache through this view, as not every device's index kernels take float8 tensors."""
+    return t.view(torch.uint8) if t.dtype == KV_CACHE_FP8 else t
+
+
 def quantize_kv_ref(x: Tensor, scale: Tensor) -> Tensor:
     """x (any float) / scale (broadcast), clamped to +-448, rounded to E4M3."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(KV_CACHE_FP8)

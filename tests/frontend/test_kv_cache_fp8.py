@@ -194,3 +194,16 @@ def test_rope_cached_attention_reads_the_fp8_cache(model, kv_fp8, monkeypatch, r
     assert len(fused) == 4 and all(n.args[16].target == f"kv_scales_{i}" for i, n in enumerate(fused))
     assert llm.runtime.pool.buffer.dtype == torch.float8_e4m3fn
     assert torch.equal(llm(IDS), kv_fp8(IDS))
+
+
+def test_pool_copies_fp8_blocks_bit_for_bit():
+    """Copy-on-write (beam search) copies E4M3 blocks through a byte view."""
+    from trtllm.runtime.kv_cache import KVCachePool
+
+    pool = KVCachePool(2, 4, 2, 4, 8, torch.float8_e4m3fn)
+    pool.buffer.copy_(torch.randn(pool.buffer.shape).to(torch.float8_e4m3fn))
+    before = pool.buffer.view(torch.uint8).clone()
+    pool.copy_blocks([(0, 3), (1, 2)])
+    after = pool.buffer.view(torch.uint8)
+    assert torch.equal(after[:, 3], before[:, 0]) and torch.equal(after[:, 2], before[:, 1])
+    assert torch.equal(after[:, :2], before[:, :2])
