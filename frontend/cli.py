@@ -101,7 +101,8 @@ def cmd_run(args) -> int:
         print(f"loaded engine {args.engine}")
     else:
         model = _load_model(args.model, compute)
-        llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=max(args.batch_size, 1))
+        llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=max(args.batch_size, 1),
+                             kv_cache_dtype=args.kv_cache_dtype)
         print(f"compiled {type(model).__name__} ({args.model}) to {dtype} on {llm.engine.device} "
               f"in {llm.compile_seconds:.2f} s")
     params = trtllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
@@ -131,7 +132,7 @@ def cmd_build(args) -> int:
     dtype = args.dtype or _default_dtype(args.device)
     model = _load_model(args.model, BuildConfig(dtype=dtype, device=args.device).torch_dtype())
     llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=args.max_batch_size,
-                         max_seq_len=args.max_seq_len)
+                         max_seq_len=args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype)
     llm.save(args.output)
     print(f"built {args.model} ({dtype}) in {llm.compile_seconds:.2f} s; engine saved to {args.output}")
     return 0
@@ -240,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
               "CPU); default: bf16 on a GPU, fp32 on CPU")
     for sub in (run, build):
         sub.add_argument("--dtype", choices=ALL_DTYPES, help=dtypes)
+        sub.add_argument("--kv-cache-dtype", choices=("fp8",), help="fp8: an E4M3 KV cache (scales from the "
+                         "checkpoint's k_scale / v_scale, else 1.0); default: the compute dtype")
     bench.add_argument("--dtype", type=_dtype_list, help=f"{dtypes}; several, comma-separated, are measured one "
                        "after another (the model and transformers' baselines in the first one's compute dtype)")
     for sub in (run, build, bench):

@@ -207,3 +207,15 @@ def test_pool_copies_fp8_blocks_bit_for_bit():
     after = pool.buffer.view(torch.uint8)
     assert torch.equal(after[:, 3], before[:, 0]) and torch.equal(after[:, 2], before[:, 1])
     assert torch.equal(after[:, :2], before[:, :2])
+
+
+def test_cli_builds_and_runs_an_fp8_cache_engine(tmp_path, capsys):
+    import json
+
+    from trtllm.frontend.cli import main
+
+    engine = tmp_path / "engine"
+    assert main(["build", "--output", str(engine), "--dtype", "fp32", "--kv-cache-dtype", "fp8"]) == 0
+    assert json.loads((engine / "trtllm.json").read_text())["build_config"]["kv_cache_dtype"] == "fp8"
+    assert main(["run", "--engine", str(engine), "--batch-size", "2", "--max-new-tokens", "4"]) == 0
+    assert "tok/s" in capsys.readouterr().out
