@@ -154,7 +154,7 @@ def test_fp8_cache_needs_an_fp8_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_kv_cache_fp8_on_gpu_in_bf16(model):
+def test_kv_cache_fp8_on_gpu_in_bf16():
     """On CUDA: bf16 compute, E4M3 cache read by the Triton kernels, decode in CUDA graphs; the
     logits within the E4M3 bound of the bf16 engine plus bf16's own 2e-2."""
     module = make_model("llama").cuda()
