@@ -23,7 +23,7 @@ from trtllm.runtime.sampling_params import SamplingParams
 
 from .config import KV_CACHE_FP8, BuildConfig
 from .fp8_checkpoint import checkpoint_fp8_weights, use_checkpoint_fp8
-from .kv_scales import set_kv_scales
+from .kv_scales import calibration_token_ids, set_kv_scales
 from .tracer import trace
 
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -70,9 +70,8 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
     engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
     if kv_fp8:
-        prompts = None if calibration_prompts is None else [
-            tokenizer.encode(p) if isinstance(p, str) and tokenizer is not None else p for p in calibration_prompts]
-        set_kv_scales(engine, model, prompts, config.block_size, _runtime_config(engine, config).max_seq_len)
+        set_kv_scales(engine, model, calibration_token_ids(calibration_prompts, tokenizer), config.block_size,
+                      _runtime_config(engine, config).max_seq_len)
         done("kv_scales")
     compiled = CompiledModel(engine, config, tokenizer=tokenizer)
     done("runtime")  # sizing the KV cache, capturing CUDA graphs

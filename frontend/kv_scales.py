@@ -38,6 +38,17 @@ MIN_SCALE = torch.finfo(torch.float32).tiny  # a layer whose values are all zero
 _CHECKPOINT_SCALE = re.compile(r"(?:^|\.)layers\.(\d+)\..*\b([kv])_scale$")
 
 
+def calibration_token_ids(prompts, tokenizer) -> list[list[int]] | None:
+    """`compile`'s calibration_prompts as token-id lists (strings through the tokenizer)."""
+    if prompts is None:
+        return None
+    if isinstance(prompts, (str, torch.Tensor)) or not all(isinstance(p, (str, list, tuple)) for p in prompts):
+        raise ConfigError("calibration_prompts must be a list of prompts, each a list of token ids or a string")
+    if any(isinstance(p, str) for p in prompts) and tokenizer is None:
+        raise ConfigError("calibration_prompts holds strings: give compile a tokenizer too, or pass token ids")
+    return [list(tokenizer.encode(p)) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+
+
 def set_kv_scales(engine: Engine, model: torch.nn.Module, prompts: Sequence[Sequence[int]] | None,
                   block_size: int, max_seq_len: int) -> str:
     """Write each layer's (k_scale, v_scale) into the engine's weights; returns where they came
@@ -64,7 +75,7 @@ def calibrate_kv_scales(engine: Engine, prompts: Sequence[Sequence[int]], block_
     spec = engine.spec
     amax = torch.zeros(spec.num_layers, 2)
     for index, prompt in enumerate(prompts):
-        token_ids = [int(t) for t in prompt]
+        token_ids = list(prompt)
         if not 0 < len(token_ids) <= max_seq_len:
             raise ConfigError(f"calibration_prompts[{index}] has {len(token_ids)} tokens; give 1 to "
                               f"max_seq_len={max_seq_len}")

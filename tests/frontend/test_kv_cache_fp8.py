@@ -219,3 +219,13 @@ def test_cli_builds_and_runs_an_fp8_cache_engine(tmp_path, capsys):
     assert json.loads((engine / "trtllm.json").read_text())["build_config"]["kv_cache_dtype"] == "fp8"
     assert main(["run", "--engine", str(engine), "--batch-size", "2", "--max-new-tokens", "4"]) == 0
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_calibration_prompts_are_checked():
+    from trtllm.frontend.kv_scales import calibration_token_ids
+
+    assert calibration_token_ids([[1, 2], (3,)], None) == [[1, 2], [3]]
+    with pytest.raises(trtllm.ConfigError, match="give compile a tokenizer"):
+        calibration_token_ids(["hello"], None)
+    with pytest.raises(trtllm.ConfigError, match="a list of prompts"):
+        calibration_token_ids("hello", None)
