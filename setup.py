@@ -33,7 +33,8 @@ setup(
     ],
     extras_require={
         # Tests on CPU run the kernels in Triton's interpreter, which needs 3.8 with numpy 2.4.
-        "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib"],
+        # accelerate: transformers loads FP8 checkpoints through it (tests/frontend/test_fp8_checkpoint.py)
+        "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib", "accelerate"],
         # `trtllm bench --plot` and `benchmarks/kernel_bench.py --plot`
         "bench": ["matplotlib"],
     },

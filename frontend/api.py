@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from trtllm.fusion import Pattern, format_report, pipeline, run_passes
+from trtllm.fusion import PassReport, Pattern, format_report, pipeline, run_passes
+from trtllm.fusion.kv_cache_fp8 import kv_scale_weights
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
 from trtllm.lowering.fold import fold_weights
@@ -20,14 +21,19 @@ from trtllm.runtime.llm_engine import LLMEngine, RuntimeConfig
 from trtllm.runtime.model_runner import measure_activation_peak
 from trtllm.runtime.sampling_params import SamplingParams
 
-from .config import BuildConfig
+from .config import KV_CACHE_FP8, BuildConfig
+from .fp8_checkpoint import checkpoint_fp8_weights, use_checkpoint_fp8
+from .kv_scales import calibration_token_ids, set_kv_scales
 from .tracer import trace
 
 DEFAULT_MAX_SEQ_LEN = 2048
 
 
-def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -> CompiledModel:  # noqa: A001
-    """Trace, fuse and lower `model` into an engine; see `BuildConfig` for the options."""
+def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_prompts=None,  # noqa: A001
+            **options) -> CompiledModel:
+    """Trace, fuse and lower `model` into an engine; see `BuildConfig` for the options.
+    calibration_prompts (token-id lists, or strings with a tokenizer): with kv_cache_dtype="fp8",
+    the prompts whose keys and values set the cache's scales (frontend/kv_scales.py)."""
     unknown = set(options) - {f.name for f in dataclasses.fields(BuildConfig)}
     if unknown:
         raise ConfigError(f"unknown compile option(s) {sorted(unknown)}")
@@ -36,6 +42,9 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
             raise ConfigError(f"patterns must hold trtllm.fusion.Pattern objects, got {type(pattern).__name__}")
     config = BuildConfig(**options)
     config.validate()
+    kv_fp8 = config.kv_cache_dtype == KV_CACHE_FP8
+    if calibration_prompts is not None and not kv_fp8:
+        raise ConfigError("calibration_prompts set the scales of an FP8 KV cache: pass kv_cache_dtype='fp8' too")
     stages: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -47,13 +56,24 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
     done("trace")
     reports = run_passes(traced.graph_module, pipeline(
-        patterns, quantization=config.quantization(), quantize_lm_head=config.quantize_lm_head))
+        patterns, quantization=config.quantization(), quantize_lm_head=config.quantize_lm_head,
+        kv_cache_fp8=kv_fp8))
     done("fusion")
-    weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
+    weights = {**traced.weights, **kv_scale_weights(traced.graph_module)}
+    if config.quantization() == "fp8":  # an FP8 checkpoint's weights and scales, where fp8_gemm takes them
+        start = time.perf_counter()
+        kept, checkpoint = use_checkpoint_fp8(traced.graph_module, checkpoint_fp8_weights(model))
+        weights.update(checkpoint)
+        reports.append(PassReport("checkpoint_fp8", kept, time.perf_counter() - start))
+    weights = prepare_weights(traced.graph_module, weights, config.torch_device())
     weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them
     done("weights")
     engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
+    if kv_fp8:
+        set_kv_scales(engine, model, calibration_token_ids(calibration_prompts, tokenizer), config.block_size,
+                      _runtime_config(engine, config).max_seq_len)
+        done("kv_scales")
     compiled = CompiledModel(engine, config, tokenizer=tokenizer)
     done("runtime")  # sizing the KV cache, capturing CUDA graphs
     compiled.compile_seconds = sum(stages.values())
@@ -240,7 +260,7 @@ def _num_blocks(engine: Engine, config: BuildConfig, max_seq_len: int) -> int:
     default enough for `max_batch_size` full sequences, within 90% of that memory."""
     spec = engine.spec
     per_block = KVCachePool.bytes_per_block(spec.num_layers, spec.num_kv_heads, config.block_size,
-                                            spec.head_dim, engine.dtype)
+                                            spec.head_dim, engine.kv_cache_dtype)  # fp8: 1 byte a value
     per_sequence = math.ceil(max_seq_len / config.block_size)
     budget = config.kv_cache_memory
     if isinstance(budget, float) and engine.device.type != "cuda":

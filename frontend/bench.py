@@ -210,20 +210,28 @@ def _median_run(llm, prompts, params, repeats: int) -> dict:
 
 
 def _quantized(variant: str) -> bool:
-    return parse_dtype_variant(variant)[0] in QUANTIZED_DTYPES
+    """Whether a variant's numbers differ from its compute dtype's: quantized weights or cache."""
+    dtype, options = parse_dtype_variant(variant)
+    return dtype in QUANTIZED_DTYPES or "kv_cache_dtype" in options
+
+
+CALIBRATION_SEED = 5  # the prompts an fp8 KV cache's scales are calibrated on (not the accuracy set's)
 
 
 def _compile(model, variant: str, config: BenchConfig, device: torch.device):
     """Compile, then one token: the time a user waits from a loaded model to its first token.
-    variant: a dtype, or a quantized one + "+lm_head" (config.parse_dtype_variant)."""
+    variant: a dtype with its suffixes (config.parse_dtype_variant); an fp8 KV cache is
+    calibrated on 4 generated prompts of 64 tokens (at most max_seq_len)."""
     import trtllm
 
-    dtype, quantize_lm_head = parse_dtype_variant(variant)
+    dtype, options = parse_dtype_variant(variant)
+    if "kv_cache_dtype" in options:
+        length = min(64, config.max_seq_len)
+        options["calibration_prompts"] = _prompts(4, length, model.config.vocab_size, CALIBRATION_SEED)
     _sync(device)
     start = time.perf_counter()
     llm = trtllm.compile(model, dtype=dtype, device=str(device), max_batch_size=config.max_batch_size,
-                         max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens,
-                         quantize_lm_head=quantize_lm_head)
+                         max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens, **options)
     first = llm.generate(_prompts(1, 16, model.config.vocab_size, 0),
                          trtllm.SamplingParams(max_new_tokens=1, ignore_eos=True))
     _sync(device)

@@ -14,7 +14,7 @@ import torch
 
 from trtllm.kernels.errors import ConfigError, TrtllmError
 
-from .config import ALL_DTYPES, LM_HEAD_SUFFIX, QUANTIZED_DTYPES, BuildConfig, parse_dtype_variant
+from .config import ALL_DTYPES, DTYPE_SUFFIXES, QUANTIZED_DTYPES, BuildConfig, parse_dtype_variant
 
 
 def _load_model(name: str, dtype: torch.dtype | None):
@@ -101,7 +101,8 @@ def cmd_run(args) -> int:
         print(f"loaded engine {args.engine}")
     else:
         model = _load_model(args.model, compute)
-        llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=max(args.batch_size, 1))
+        llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=max(args.batch_size, 1),
+                             kv_cache_dtype=args.kv_cache_dtype)
         print(f"compiled {type(model).__name__} ({args.model}) to {dtype} on {llm.engine.device} "
               f"in {llm.compile_seconds:.2f} s")
     params = trtllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
@@ -131,7 +132,7 @@ def cmd_build(args) -> int:
     dtype = args.dtype or _default_dtype(args.device)
     model = _load_model(args.model, BuildConfig(dtype=dtype, device=args.device).torch_dtype())
     llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=args.max_batch_size,
-                         max_seq_len=args.max_seq_len)
+                         max_seq_len=args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype)
     llm.save(args.output)
     print(f"built {args.model} ({dtype}) in {llm.compile_seconds:.2f} s; engine saved to {args.output}")
     return 0
@@ -152,7 +153,7 @@ def _throughput_spec(text: str) -> tuple[tuple[int, int, int], ...]:
 
 
 def _dtype_list(text: str) -> tuple[str, ...]:
-    """'bf16,fp8,int4+lm_head' -> ('bf16', 'fp8', 'int4+lm_head')."""
+    """'bf16,fp8,int4+lm_head' -> ('bf16', 'fp8', 'int4+lm_head') (config.parse_dtype_variant)."""
     dtypes = tuple(text.split(","))
     for dtype in dtypes:
         try:
@@ -241,9 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
               "CPU); default: bf16 on a GPU, fp32 on CPU")
     for sub in (run, build):
         sub.add_argument("--dtype", choices=ALL_DTYPES, help=dtypes)
+        sub.add_argument("--kv-cache-dtype", choices=("fp8",), help="fp8: an E4M3 KV cache (scales from the "
+                         "checkpoint's k_scale / v_scale, else 1.0); default: the compute dtype")
     bench.add_argument("--dtype", type=_dtype_list, help=f"{dtypes}; several, comma-separated, are measured one "
                        "after another (the model and transformers' baselines in the first one's compute dtype); "
-                       f"a quantized one with {LM_HEAD_SUFFIX} quantizes the LM head too")
+                       f"suffixes {', '.join(DTYPE_SUFFIXES)} quantize a quantized dtype's LM head too, and keep the KV "
+                       "cache in fp8 (e.g. fp8+lm_head+kv_fp8)")
     for sub in (run, build, bench):
         sub.add_argument("--device", help="default: cuda if available, else cpu")
     return parser

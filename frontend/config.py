@@ -17,20 +17,30 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTIZED_DTYPES = ("fp8", "int8", "int4")
 QUANTIZED_COMPUTE = {"cuda": "bf16", "cpu": "fp32"}  # by device type; other devices: fp32
 ALL_DTYPES = (*DTYPES, *QUANTIZED_DTYPES)
-LM_HEAD_SUFFIX = "+lm_head"  # "int4+lm_head" (CLI and bench): the dtype with quantize_lm_head=True
+# Suffixes of a dtype in `trtllm bench --dtype` (e.g. "fp8+lm_head+kv_fp8"): compile options.
+DTYPE_SUFFIXES = {
+    "+lm_head": ("quantize_lm_head", True),  # a quantized dtype's LM head in its format too
+    "+kv_fp8": ("kv_cache_dtype", "fp8"),  # an E4M3 KV cache
+}
 
 
-def parse_dtype_variant(text: str) -> tuple[str, bool]:
-    """'int4' -> ('int4', False); 'int4+lm_head' -> ('int4', True): a dtype, and whether its LM
-    head is quantized too (quantized dtypes only). ConfigError naming the text otherwise."""
-    dtype = text.removesuffix(LM_HEAD_SUFFIX)
-    lm_head = dtype != text
-    if dtype not in ALL_DTYPES or (lm_head and dtype not in QUANTIZED_DTYPES):
-        raise ConfigError(f"unknown dtype {text!r}; use one of {list(ALL_DTYPES)}, or a quantized one with "
-                          f"{LM_HEAD_SUFFIX!r} (e.g. 'int4{LM_HEAD_SUFFIX}') to quantize the LM head too")
-    return dtype, lm_head
+def parse_dtype_variant(text: str) -> tuple[str, dict]:
+    """'int4' -> ('int4', {}); 'int4+lm_head+kv_fp8' -> ('int4', {'quantize_lm_head': True,
+    'kv_cache_dtype': 'fp8'}): a dtype and the compile options its suffixes (DTYPE_SUFFIXES)
+    name; "+lm_head" only on a quantized dtype. ConfigError naming the text otherwise."""
+    dtype, *suffixes = text.split("+")
+    options = dict(DTYPE_SUFFIXES[f"+{s}"] for s in suffixes if f"+{s}" in DTYPE_SUFFIXES)
+    bad = (dtype not in ALL_DTYPES or len(options) != len(suffixes) or len(set(suffixes)) != len(suffixes)
+           or ("quantize_lm_head" in options and dtype not in QUANTIZED_DTYPES))
+    if bad:
+        raise ConfigError(f"unknown dtype {text!r}; use one of {list(ALL_DTYPES)}, each optionally followed by "
+                          f"{' and '.join(DTYPE_SUFFIXES)} (e.g. 'int4+lm_head'; +lm_head on a quantized dtype)")
+    return dtype, options
+
+
 FP8_MIN_CAPABILITY = (8, 9)  # E4M3 tensor cores: Ada and Hopper on
 BACKENDS = ("native", "tensorrt")
+KV_CACHE_FP8 = "fp8"  # kv_cache_dtype of an E4M3 cache
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,7 @@ class BuildConfig:
     max_batch_size: int = 8  # sequences in one step
     max_seq_len: int | None = None  # prompt + generated tokens (None: the model's positions, at most 2048)
     max_num_tokens: int = 2048  # tokens in one step; longer prompts are split
-    kv_cache_dtype: str | None = None  # None: the compute dtype
+    kv_cache_dtype: str | None = None  # None or the compute dtype's name, or "fp8" (E4M3 with per-layer K and V scales: half the bytes of bf16)
     quantize_lm_head: bool = False  # a quantized dtype's LM head in that format too (default: the compute dtype)
     kv_cache_memory: int | float | None = None  # bytes, or a fraction of the GPU memory left after weights and the measured activation peak (None: enough for max_batch_size full sequences, within 90% of it)
     block_size: int = 32  # tokens per KV-cache block
@@ -71,10 +81,11 @@ class BuildConfig:
     def validate(self) -> None:
         if self.dtype not in DTYPES and self.dtype not in QUANTIZED_DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {list(ALL_DTYPES)}")
-        if self.kv_cache_dtype not in (None, self.compute_dtype()):
+        kv_dtypes = (None, self.compute_dtype(), KV_CACHE_FP8)
+        if self.kv_cache_dtype not in kv_dtypes:
             raise ConfigError(
-                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; leave it None (the cache is kept "
-                f"in the compute dtype, {self.compute_dtype()})"
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one of {list(kv_dtypes)} (None: the "
+                f"compute dtype, {self.compute_dtype()}; {KV_CACHE_FP8!r}: E4M3 with a K and a V scale per layer)"
             )
         if self.quantize_lm_head and self.dtype not in QUANTIZED_DTYPES:
             raise ConfigError(f"quantize_lm_head=True needs a quantized dtype ({', '.join(QUANTIZED_DTYPES)}), "
@@ -95,11 +106,14 @@ class BuildConfig:
         device = self.torch_device()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={self.device!r} asked for, but torch sees no CUDA GPU")
-        if self.dtype == "fp8" and device.type == "cuda":
+        if "fp8" in (self.dtype, self.kv_cache_dtype) and device.type == "cuda":
             capability = torch.cuda.get_device_capability(device)
             if capability < FP8_MIN_CAPABILITY:
+                field = "dtype" if self.dtype == "fp8" else "kv_cache_dtype"
                 raise ConfigError(
-                    f"dtype='fp8' needs FP8 tensor cores (compute capability {FP8_MIN_CAPABILITY[0]}."
+                    f"{field}='fp8' needs FP8 tensor cores (compute capability {FP8_MIN_CAPABILITY[0]}."
                     f"{FP8_MIN_CAPABILITY[1]} or later); {torch.cuda.get_device_name(device)} has "
-                    f"{capability[0]}.{capability[1]}: use dtype='int8' or 'int4' (weight-only) instead"
+                    f"{capability[0]}.{capability[1]}: "
+                    + ("use dtype='int8' or 'int4' (weight-only) instead" if field == "dtype"
+                       else "leave kv_cache_dtype None")
                 )

@@ -4,9 +4,10 @@ Each pass is `GraphModule -> int` (rewrites made, the graph changed in place) in
 `pipeline(patterns)` is the list a compile runs:
 
     canonicalize  ->  user patterns  ->  fuse  ->  [quantize]  ->  gather_logits  ->  insert_kv_cache
-                  ->  rope_attention  ->  [decode_gemv]
+                  ->  rope_attention  ->  [kv_cache_fp8]  ->  [decode_gemv]
 
-quantize runs only for a quantized dtype ("fp8", "int8", "int4"); decode_gemv only on request,
+quantize runs only for a quantized dtype ("fp8", "int8", "int4"); kv_cache_fp8 only for
+kv_cache_dtype "fp8"; decode_gemv only on request,
 `TRTLLM_DECODE_FUSION=1` (norms) or `=all` (gated activations too).
 
 `TRTLLM_DUMP_DIR=dir` writes the graph after every pass (`NN_<pass>.txt`).
@@ -31,6 +32,7 @@ from .gated_mlp import fuse_gated_mlp
 from .gather_logits import gather_logits
 from .gemm_act import fuse_gemm_act
 from .kv_cache import insert_kv_cache
+from .kv_cache_fp8 import quantize_kv_cache
 from .merge_gemms import merge_parallel_gemms
 from .norms import canonicalize_layernorm, canonicalize_rmsnorm
 from .pattern import Match, Pattern
@@ -78,6 +80,8 @@ ROPE_ATTENTION: tuple[tuple[str, Pass], ...] = (("rope_attention", fuse_rope_att
 # decode pass (Llama-3.2-1B -0.3% with the norms, -4.3% with all, within run-to-run spread;
 # Llama-3-8B +12.6% with the norms), and a down projection that recomputes act(g) * u in every
 # program lost more than the activation kernel it removed.
+# An FP8 cache (kv_cache_dtype "fp8"): float8_e4m3fn caches, each attention reading its layer's scales.
+KV_CACHE_FP8: tuple[tuple[str, Pass], ...] = (("kv_cache_fp8", quantize_kv_cache),)
 DECODE: dict[str, tuple[tuple[str, Pass], ...]] = {
     "off": (),
     "norms": (("decode_gemv", fuse_decode_gemv),),  # rmsnorm / add_rmsnorm + linear -> one op
@@ -113,12 +117,13 @@ def pattern_passes(patterns: Iterable[Pattern]) -> list[tuple[str, Pass]]:
 
 
 def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None,
-             quantize_lm_head: bool = False) -> list[tuple[str, Pass]]:
+             quantize_lm_head: bool = False, kv_cache_fp8: bool = False) -> list[tuple[str, Pass]]:
     """The passes a compile runs, in order; `quantization`: one of WEIGHT_FORMATS, or None;
-    `quantize_lm_head`: the LM head in that format too."""
+    `quantize_lm_head`: the LM head in that format too; `kv_cache_fp8`: an E4M3 KV cache."""
     quantize = quantize_passes(quantization, quantize_lm_head)
     rope_attention = ROPE_ATTENTION if envs.rope_attention() else ()
-    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *STEP, *rope_attention,
+    kv_fp8 = KV_CACHE_FP8 if kv_cache_fp8 else ()
+    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *STEP, *rope_attention, *kv_fp8,
             *DECODE[envs.decode_fusion()]]
 
 

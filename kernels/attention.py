@@ -14,7 +14,9 @@ keys enter the cache rotated): one op, so that a small decode step's attention i
 
 The paged cache of one layer is `[num_blocks, 2, Hkv, block_size, D]` (index 0 = K, 1 = V);
 position p of sequence b lives in block `block_tables[b][p // block_size]` at offset
-`p % block_size`, i.e. at slot `block_id * block_size + offset` (DESIGN.md §5).
+`p % block_size`, i.e. at slot `block_id * block_size + offset` (DESIGN.md §5). A cache in
+float8_e4m3fn stores k / k_scale and v / v_scale rounded to E4M3, with `kv_scales` = (k_scale,
+v_scale) a [2] float32 tensor per layer; the ops attend over what it holds (kernels/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 
 from . import attention_triton as _triton
 from . import rope as _rope
+from .kv_quant import KV_CACHE_FP8, as_bytes, check_kv_scales, dequantize_kv_ref, is_fp8, quantize_kv_ref
 from .rope import rope_ref
 
 
@@ -260,20 +263,23 @@ def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, layout: str) -> None:
 # ---------------------------------------------------------------- trtllm::cached_attention
 
 
-def _write_kv(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
-    """kv_cache[slot // bs, 0|1, :, slot % bs] = k|v[t] for every token t with slot >= 0."""
+def _write_kv(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor, kv_scales: Tensor | None) -> None:
+    """kv_cache[slot // bs, 0|1, :, slot % bs] = k|v[t] for every token t with slot >= 0
+    (an fp8 cache: k / k_scale, v / v_scale rounded to E4M3)."""
     block_size = kv_cache.shape[3]
     keep = slot_mapping >= 0  # [T]
     slots = slot_mapping[keep]  # [T']
-    kv = torch.stack((k[keep], v[keep]), dim=1).to(kv_cache.dtype)  # [T', 2, Hkv, D]
-    by_slot = kv_cache.permute(0, 3, 1, 2, 4)  # [num_blocks, bs, 2, Hkv, D], a view
-    by_slot[slots // block_size, slots % block_size] = kv
+    kv = torch.stack((k[keep], v[keep]), dim=1)  # [T', 2, Hkv, D]
+    kv = quantize_kv_ref(kv, kv_scales[:, None, None]) if is_fp8(kv_cache) else kv.to(kv_cache.dtype)
+    by_slot = as_bytes(kv_cache).permute(0, 3, 1, 2, 4)  # [num_blocks, bs, 2, Hkv, D], a view
+    by_slot[slots // block_size, slots % block_size] = as_bytes(kv)
 
 
 def _gather_kv(
-    kv_cache: Tensor, block_tables: Tensor, ctx_lens: Tensor, max_ctx: int
+    kv_cache: Tensor, block_tables: Tensor, ctx_lens: Tensor, max_ctx: int, kv_scales: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Contexts of N sequences read from the cache, zero past each one's length.
+    """Contexts of N sequences read from the cache, zero past each one's length (an fp8
+    cache: dequantized to float32).
 
     block_tables: [N, max_blocks]; ctx_lens: [N]. Returns k, v: [N, max_ctx, Hkv, D].
     """
@@ -282,7 +288,9 @@ def _gather_kv(
     valid = pos < ctx_lens[:, None]  # [N, L]
     # Table entries past the context may hold anything (-1, stale ids): read block 0 instead.
     blocks = torch.where(valid, block_tables.long()[:, pos // block_size], 0)  # [N, L]
-    kv = kv_cache.permute(0, 3, 1, 2, 4)[blocks, pos % block_size]  # [N, L, 2, Hkv, D]
+    kv = as_bytes(kv_cache).permute(0, 3, 1, 2, 4)[blocks, pos % block_size]  # [N, L, 2, Hkv, D]
+    if is_fp8(kv_cache):
+        kv = dequantize_kv_ref(kv.view(KV_CACHE_FP8), kv_scales[:, None, None])
     # Zero what lies past the context: never-written cache memory may hold NaN, and 0 * NaN
     # would leak through the softmax weights.
     kv = kv.masked_fill(~valid[:, :, None, None, None], 0)
@@ -299,6 +307,7 @@ def _attend_over_cache(
     causal: bool,
     sliding_window: int,
     softcap: float,
+    kv_scales: Tensor | None,
 ) -> Tensor:
     """The last Sq tokens of N sequences attend over their cached contexts.
 
@@ -307,7 +316,7 @@ def _attend_over_cache(
     sq = q.shape[1]
     ids = torch.tensor(seq_ids, device=q.device)  # [N]
     ctx = torch.tensor(ctx_lens, device=q.device)  # [N]
-    k, v = _gather_kv(kv_cache, block_tables[ids], ctx, max(ctx_lens))  # [N, L, Hkv, D]
+    k, v = _gather_kv(kv_cache, block_tables[ids], ctx, max(ctx_lens), kv_scales)  # [N, L, Hkv, D]
     q_pos = ctx[:, None] - sq + torch.arange(sq, device=q.device)  # [N, Sq]
     return _masked_attention(q, k, v, q_pos, ctx, scale, causal, sliding_window, softcap)
 
@@ -326,6 +335,7 @@ def cached_attention_ref(
     causal: bool,
     sliding_window: int,
     softcap: float,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     """Plain-torch `trtllm::cached_attention`; writes k, v into `kv_cache` in place.
 
@@ -333,7 +343,7 @@ def cached_attention_ref(
     in one batch padded to the longest context. Syncs with the host. `layer_idx` is unused:
     `kv_cache` already is this layer's pool.
     """
-    _write_kv(kv_cache, k, v, slot_mapping)
+    _write_kv(kv_cache, k, v, slot_mapping, kv_scales)
     out = q.new_zeros(q.shape)  # [T, H, D]; padding tokens keep zero rows
     cu, ctx_lens = cu_seqlens_q.tolist(), seq_lens_kv.tolist()
     decodes: list[int] = []
@@ -343,13 +353,13 @@ def cached_attention_ref(
         elif end > start:
             out[start:end] = _attend_over_cache(
                 q[None, start:end], kv_cache, [b], [ctx_lens[b]], block_tables,
-                scale, causal, sliding_window, softcap,
+                scale, causal, sliding_window, softcap, kv_scales,
             )[0]  # [q_len, H, D]
     if decodes:
         rows = torch.tensor([cu[b] for b in decodes], device=q.device)  # [Bd]
         out[rows] = _attend_over_cache(
             q[rows, None], kv_cache, decodes, [ctx_lens[b] for b in decodes], block_tables,
-            scale, causal, sliding_window, softcap,
+            scale, causal, sliding_window, softcap, kv_scales,
         )[:, 0]  # [Bd, H, D]
     return out
 
@@ -362,7 +372,7 @@ _cached_attention_op = torch.library.custom_op(
 @_cached_attention_op.register_fake
 def _cached_attention_fake(
     q, k, v, kv_cache, cu_seqlens_q, seq_lens_kv, block_tables, slot_mapping,
-    layer_idx, scale, causal, sliding_window, softcap,
+    layer_idx, scale, causal, sliding_window, softcap, kv_scales=None,
 ):
     return q.new_empty(q.shape)  # [T, H, D]
 
@@ -384,6 +394,7 @@ def cached_attention(
     causal: bool = True,
     sliding_window: int = -1,
     softcap: float = 0.0,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     """Write this step's k, v into the paged cache, then attend over each whole context.
 
@@ -393,16 +404,19 @@ def cached_attention(
     keys and values at positions 0 .. ctx - 1 read from the cache through block_tables[b].
 
     q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [num_blocks, 2, Hkv, block_size, D] (mutated).
-    scale defaults to D ** -0.5. Returns [T, H, D] in q.dtype; rows of tokens past
-    cu_seqlens_q[-1] (padding) are zero.
+    scale defaults to D ** -0.5. A float8_e4m3fn kv_cache needs kv_scales [2] float32
+    (k_scale, v_scale): it stores k / k_scale, v / v_scale in E4M3, and both steps read it
+    as k_scale * k_q, v_scale * v_q (kernels/kv_quant.py). Returns [T, H, D] in q.dtype; rows
+    of tokens past cu_seqlens_q[-1] (padding) are zero.
     """
     _check_qkv("cached_attention", q, k, v, "[T, H, D]")
     _check_cache_and_metadata(q, k, kv_cache, metadata)
+    check_kv_scales("cached_attention", kv_cache, kv_scales)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     m = metadata
     return torch.ops.trtllm.cached_attention(
         q, k, v, kv_cache, m.cu_seqlens_q, m.seq_lens_kv, m.block_tables, m.slot_mapping,
-        int(layer_idx), float(scale), bool(causal), int(sliding_window), float(softcap),
+        int(layer_idx), float(scale), bool(causal), int(sliding_window), float(softcap), kv_scales,
     )
 
 
@@ -426,6 +440,7 @@ def rope_cached_attention_ref(
     causal: bool,
     sliding_window: int,
     softcap: float,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     """Plain-torch `trtllm::rope_cached_attention`: `rope_ref` of q and k, then
     `cached_attention_ref`, the very composition the fusion pass replaces (the same ops on the
@@ -435,6 +450,7 @@ def rope_cached_attention_ref(
     return cached_attention_ref(
         q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1), v, kv_cache, cu_seqlens_q,
         seq_lens_kv, block_tables, slot_mapping, layer_idx, scale, causal, sliding_window, softcap,
+        kv_scales,
     )
 
 
@@ -469,6 +485,7 @@ def rope_cached_attention(
     sliding_window: int = -1,
     softcap: float = 0.0,
     interleaved: bool = False,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     """`cached_attention` of q and k rotated by `rope`: the keys go into the cache rotated.
 
@@ -477,17 +494,19 @@ def rope_cached_attention(
     On the GPU a step of few decodes (a split decode: small batches) runs as one kernel.
 
     q: [T, H, D]; k, v: [T, Hkv, D]; cos, sin: [T, Drot] with Drot even and at most D;
-    kv_cache: [num_blocks, 2, Hkv, block_size, D] (mutated). Returns [T, H, D] in q.dtype.
+    kv_cache: [num_blocks, 2, Hkv, block_size, D] (mutated); an fp8 one needs kv_scales, as
+    in `cached_attention`. Returns [T, H, D] in q.dtype.
     """
     _check_qkv("rope_cached_attention", q, k, v, "[T, H, D]")
     _check_cache_and_metadata(q, k, kv_cache, metadata)
+    check_kv_scales("rope_cached_attention", kv_cache, kv_scales)
     _check_cos_sin(q, k, cos, sin)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     m = metadata
     return torch.ops.trtllm.rope_cached_attention(
         q, k, v, cos, sin, bool(interleaved), kv_cache, m.cu_seqlens_q, m.seq_lens_kv,
         m.block_tables, m.slot_mapping, int(layer_idx), float(scale), bool(causal),
-        int(sliding_window), float(softcap),
+        int(sliding_window), float(softcap), kv_scales,
     )
 
 

@@ -9,6 +9,10 @@ counter, so there is no combine launch (the separate `_combine_kernel` remains, 
 TRTLLM_DECODE_ATTENTION_FUSION=0). For `rope_cached_attention` on a step of few decodes (a
 split decode), the same kernel also rotates q and the new key and writes the new k, v to the
 cache: the step's attention is one launch, not four.
+
+An fp8 cache (FP8): k_scale joins the softmax scale, v_scale multiplies the partial results
+before they are stored (the combine is linear in them), and the new token's key and value
+written here are rounded by kv_quant's rule, as write_kv_triton rounds them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import Tensor
 
 from . import envs
 from .attention_tiles import LOG2E, _block_d, _cap, _load_paged_kv, _online_softmax_step, _precision, _scores
+from .kv_quant import _quantize_kv, hw_cast, is_fp8
 from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
 from .rope import compute_dtype, rope_rows
@@ -32,10 +37,11 @@ from .rope import compute_dtype, rope_rows
 @triton.jit
 def _new_token_kv(k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, row, kvh, ctx, start, end,
                   rot_dim, block_size, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
-                  stride_sin, stride_cb, stride_ckv, stride_ch, stride_cp, D: tl.constexpr,
-                  BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr, INTERLEAVED: tl.constexpr):
+                  stride_sin, stride_cb, stride_ckv, stride_ch, stride_cp, kv_scale_ptr,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr,
+                  INTERLEAVED: tl.constexpr, FP8: tl.constexpr, HW_CAST: tl.constexpr):
     """The decode token's key (rotated) and value of one KV head, [1, BLOCK_D] each in the
-    cache dtype. The program whose slice [start, end) holds its position ctx - 1 writes them
+    cache dtype (fp8: k / k_scale and v / v_scale rounded, as the cache stores them). The program whose slice [start, end) holds its position ctx - 1 writes them
     to the token's cache slot. Returns (position, k, v): position -1 where the slot is < 0
     (nothing written: the attention reads the cache there, as after a separate write)."""
     offs_d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
@@ -44,6 +50,9 @@ def _new_token_kv(k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, row, kvh,
                   cos_ptr + row * stride_cos, sin_ptr + row * stride_sin, D, rot_dim, COMPUTE,
                   INTERLEAVED, BLOCK_D)  # [1, BLOCK_D] in k's dtype
     v = tl.load(v_ptr + row * stride_vt + kvh * stride_vh + offs_d, mask=offs_d < D, other=0.0)
+    if FP8:
+        k = _quantize_kv(k, tl.load(kv_scale_ptr), HW_CAST)
+        v = _quantize_kv(v, tl.load(kv_scale_ptr + 1), HW_CAST)
     k = k.to(cache_ptr.dtype.element_ty)
     v = v.to(cache_ptr.dtype.element_ty)
     slot = tl.load(slot_ptr + row)
@@ -128,6 +137,7 @@ def _store_out(out_ptr, row, heads, stride_ot, stride_oh, acc, l_i, mask, BLOCK_
 def _decode_kernel(
     q_ptr, out_ptr, part_ptr, stats_ptr, counter_ptr, cache_ptr, cu_ptr, kv_lens_ptr, tables_ptr,
     k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr,  # ROPE only: the new token's k, v, rope and slot
+    kv_scale_ptr,  # FP8 only: (k_scale, v_scale)
     qk_scale, softcap, window, block_size, num_splits, rot_dim,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ckv, stride_ch, stride_cp, stride_tb,
@@ -136,6 +146,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, G2: tl.constexpr,
     CHUNK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
     PDL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr,
+    FP8: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     pdl_start(PDL)
     b = tl.program_id(0)
@@ -161,6 +172,8 @@ def _decode_kernel(
     heads = kvh * GROUP + offs_g
     g_ok = offs_g < GROUP
     q_rows = q_ptr + row * stride_qt + heads[:, None] * stride_qh  # [G, 1]
+    if FP8:
+        qk_scale = qk_scale * tl.load(kv_scale_ptr)  # logits of k_q: s = scale k_scale q . k_q
     cache_end = end  # the keys [start, cache_end) come from the cache
     if ROPE:  # rotate q here, and take this step's key and value from k, v (see _new_token_kv)
         q = rope_rows(q_rows, g_ok[:, None], cos_ptr + row * stride_cos,
@@ -168,8 +181,8 @@ def _decode_kernel(
         new_pos, k_new, v_new = _new_token_kv(
             k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, row, kvh, ctx, start, end,
             rot_dim, block_size, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
-            stride_sin, stride_cb, stride_ckv, stride_ch, stride_cp, D, BLOCK_D, COMPUTE,
-            INTERLEAVED)
+            stride_sin, stride_cb, stride_ckv, stride_ch, stride_cp, kv_scale_ptr, D, BLOCK_D,
+            COMPUTE, INTERLEAVED, FP8, HW_CAST)
         # This program may be writing the new token's slot right now: the key at new_pos
         # comes from registers after the loop, which stays the plain cache walk.
         owns_new = (new_pos >= start) & (new_pos < end)
@@ -192,6 +205,8 @@ def _decode_kernel(
     if ROPE:
         acc, l_i, m_i = _fold_new_key(acc, l_i, m_i, q, k_new, v_new, owns_new, qk_scale,
                                       softcap, SOFTCAP)
+    if FP8:
+        acc = acc * tl.load(kv_scale_ptr + 1)  # v_scale: every split's partial, before the combine
     out_mask = g_ok[:, None] & d_ok[None, :]
     if not SPLIT:
         _store_out(out_ptr, row, heads, stride_ot, stride_oh, acc, l_i, out_mask, BLOCK_D)
@@ -288,11 +303,11 @@ def _arrival_counters(device: torch.device, size: int) -> Tensor:
 
 
 def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softcap,
-            new_tokens: NewTokens | None = None):
+            new_tokens: NewTokens | None = None, kv_scales: Tensor | None = None):
     """Launch `_decode_kernel` over the decodes of the step (and `_combine_kernel` when the
     split combine is not folded in: TRTLLM_DECODE_ATTENTION_FUSION=0). new_tokens: rotate q
     and the new keys in the kernel and write the new k, v to the cache there (q is then
-    before rope)."""
+    before rope). kv_scales: (k_scale, v_scale) of an fp8 cache."""
     num_seqs = kv_lens.shape[0]
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, block_size = cache.shape[2], cache.shape[3]
@@ -309,6 +324,7 @@ def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softca
         if fold:
             counters = _arrival_counters(q.device, num_seqs * num_kv_heads)
     rope = new_tokens is not None
+    fp8 = is_fp8(cache)
     if rope:
         k, v, cos, sin, slots, interleaved = new_tokens
         rope_args = (k, v, cos, sin, slots)
@@ -320,6 +336,7 @@ def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softca
         rot_dim, compute, interleaved = 0, tl.float32, False
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, out, part, stats, counters, cache, cu, kv_lens, tables, *rope_args,
+        kv_scales if fp8 else cu,
         scale * LOG2E, softcap, sliding_window, block_size, splits, rot_dim,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *cache.stride()[:4], tables.stride(0), *rope_strides,
@@ -327,7 +344,8 @@ def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softca
         BLOCK_N=64 if head_dim <= 128 else 32, SPLIT=splits > 1, FOLD=fold, G2=g2,
         CHUNK=max(2, min(16, 8192 // (g2 * block_d))),  # the combine's [G, CHUNK, D] tile
         WINDOW=sliding_window > 0, SOFTCAP=softcap > 0, PRECISION=_precision(q), PDL=pdl,
-        ROPE=rope, INTERLEAVED=bool(interleaved), COMPUTE=compute, num_warps=4, num_stages=3,
+        ROPE=rope, INTERLEAVED=bool(interleaved), COMPUTE=compute, FP8=fp8, HW_CAST=hw_cast(),
+        num_warps=4, num_stages=3,
         launch_pdl=pdl,
     )
     if splits > 1 and not fold:

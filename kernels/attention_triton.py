@@ -17,6 +17,10 @@ a step never waits on the GPU, and CUDA graphs can capture it):
 
 The online-softmax step and the paged-cache tile load they share are in attention_tiles.py.
 Both attention kernels compute in float32 with exp2: p = 2^(s * log2(e) - m).
+
+An fp8 cache (FP8, kernels/kv_quant.py): the write rounds k / k_scale, v / v_scale to E4M3;
+the attention kernels read E4M3 tiles, take k_scale into the softmax scale and v_scale into the
+output, and round this step's new keys and values as the cache holds them.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .attention_tiles import (
     _precision,
     _scores,
 )
+from .kv_quant import _quantize_kv, hw_cast, is_fp8
 from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
 from .rope import rope_triton
@@ -47,12 +52,12 @@ from .rope import rope_triton
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, cache_ptr, slot_ptr,
+    k_ptr, v_ptr, cache_ptr, slot_ptr, kv_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ckv, stride_ch, stride_cp,
     block_size,
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, FP8: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     pdl_start(PDL)  # before the early return: see kernels/pdl.py
     t = tl.program_id(0)
@@ -66,13 +71,18 @@ def _write_kv_kernel(
     mask = (offs_h < HKV) & (offs_d < D)
     dst = cache_ptr + block * stride_cb + pos * stride_cp + offs_h * stride_ch + offs_d
     k = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
-    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+    if FP8:  # on E4M3's grid in float32, so the cast below is exact
+        k = _quantize_kv(k, tl.load(kv_scale_ptr), HW_CAST)
+        v = _quantize_kv(v, tl.load(kv_scale_ptr + 1), HW_CAST)
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv_triton(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
-    """kv_cache[s // bs, 0|1, :, s % bs] = k|v[t] for s = slot_mapping[t] >= 0, in place.
+def write_kv_triton(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor,
+                    kv_scales: Tensor | None = None) -> None:
+    """kv_cache[s // bs, 0|1, :, s % bs] = k|v[t] for s = slot_mapping[t] >= 0, in place (an
+    fp8 cache: k / k_scale, v / v_scale rounded to E4M3, kv_scales = (k_scale, v_scale)).
 
     k, v: [T, Hkv, D] (last dim contiguous); kv_cache: [num_blocks, 2, Hkv, bs, D].
     """
@@ -81,13 +91,15 @@ def write_kv_triton(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor
         return
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
     pdl = pdl_enabled(k)
+    fp8 = is_fp8(kv_cache)
     _write_kv_kernel[(num_tokens,)](
-        k, v, kv_cache, slot_mapping,
+        k, v, kv_cache, slot_mapping, kv_scales if fp8 else slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         kv_cache.shape[3],
         HKV=num_kv_heads, D=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl,
+        BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, FP8=fp8, HW_CAST=hw_cast(),
+        launch_pdl=pdl,
     )
 
 
@@ -97,16 +109,19 @@ def write_kv_triton(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor
 @triton.jit
 def _attend_new_keys(
     acc, l_i, m_i, q, offs_m, k_src, v_src, stride_kt, stride_vt, row0, col, start, end, q_len,
-    qk_scale, softcap, window, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    qk_scale, softcap, window, k_scale, v_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, FP8: tl.constexpr,
+    HW_CAST: tl.constexpr,
 ):
     """Fold keys j in [start, end) of this step's tokens into the softmax of the queries
     offs_m. MASKED: j may reach q_len, and CAUSAL masks j > i; unmasked blocks (all j < q_len
     and below the block's first query) skip every mask but the window's.
 
     k_src, v_src: TMA descriptors over [tokens, Hkv * D] (USE_TMA; the block of key j0 is at
-    [row0 + j0, col]), else pointers to this sequence's key 0 of this head."""
+    [row0 + j0, col]), else pointers to this sequence's key 0 of this head. FP8: the keys and
+    values rounded as the fp8 cache holds them (k / k_scale on E4M3's grid, exact in q's
+    dtype; qk_scale already holds k_scale)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for j0 in range(start, end, BLOCK_N):
@@ -124,6 +139,9 @@ def _attend_new_keys(
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
+        if FP8:
+            k = _quantize_kv(k, k_scale, HW_CAST).to(q.dtype)
+            v = _quantize_kv(v, v_scale, HW_CAST).to(q.dtype)
         s, f = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
         visible = None
         if MASKED:
@@ -157,7 +175,7 @@ def _find_sequence(cu_ptr, num_seqs, pid, BLOCK_M: tl.constexpr):
 # variant for each value that is 1 or a multiple of 16 the first time it sees one).
 @triton.jit(do_not_specialize=["num_seqs", "stride_tb"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, cache_ptr, cu_ptr, kv_lens_ptr, tables_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, cache_ptr, cu_ptr, kv_lens_ptr, tables_ptr, kv_scale_ptr,
     num_seqs, qk_scale, softcap, window, block_size,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
@@ -166,7 +184,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, PAGED: tl.constexpr, SKIP_DECODES: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, FP8: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if CAUSAL:
@@ -196,6 +214,12 @@ def _prefill_kernel(
             + offs_d[None, :], mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0,
         )  # [M, D]
     q_pos = prefix + offs_m  # [M] absolute positions
+    k_scale = 1.0
+    v_scale = 1.0
+    if FP8:  # an fp8 cache: k_scale joins the softmax scale, v_scale the output
+        k_scale = tl.load(kv_scale_ptr)
+        v_scale = tl.load(kv_scale_ptr + 1)
+        qk_scale = qk_scale * k_scale
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -228,15 +252,18 @@ def _prefill_kernel(
     if CAUSAL:
         acc, l_i, m_i = _attend_new_keys(
             acc, l_i, m_i, q, offs_m, k_src, v_src, stride_kt, stride_vt, q_begin, kvh * D, j_lo,
-            m0, q_len, qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, False, False, WINDOW,
-            SOFTCAP, PRECISION, USE_TMA)
+            m0, q_len, qk_scale, softcap, window, k_scale, v_scale, D, BLOCK_D, BLOCK_N, False,
+            False, WINDOW, SOFTCAP, PRECISION, USE_TMA, FP8, HW_CAST)
         j_lo = m0
     acc, l_i, m_i = _attend_new_keys(
         acc, l_i, m_i, q, offs_m, k_src, v_src, stride_kt, stride_vt, q_begin, kvh * D, j_lo,
         tl.minimum(m0 + BLOCK_M, q_len) if CAUSAL else q_len, q_len, qk_scale, softcap, window,
-        D, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PRECISION, USE_TMA)
+        k_scale, v_scale, D, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PRECISION, USE_TMA,
+        FP8, HW_CAST)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
+    if FP8:
+        out = out * v_scale
     tl.store(
         out_ptr + b * stride_ob + (q_begin + offs_m)[:, None] * stride_ot + h * stride_oh
         + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -270,9 +297,10 @@ def _prefill_config(head_dim: int, max_q_len: int | None) -> tuple[int, int, int
 
 
 def _prefill(q, k, v, out, cu, kv_lens, cache, tables, num_seqs, max_q_len, *, batched, scale,
-             causal, sliding_window, softcap, skip_decodes, config=None):
+             causal, sliding_window, softcap, skip_decodes, config=None, kv_scales=None):
     """Launch `_prefill_kernel`; q, k, v, out are [T, H, D] (varlen) or [B, S, H, D].
-    config: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of `_prefill_config`'s."""
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of `_prefill_config`'s.
+    kv_scales: (k_scale, v_scale) of an fp8 cache."""
     head_dim = q.shape[-1]
     num_heads, num_kv_heads = q.shape[-2], k.shape[-2]
     block_m, block_n, num_warps, num_stages = config or _prefill_config(head_dim, max_q_len)
@@ -283,6 +311,7 @@ def _prefill(q, k, v, out, cu, kv_lens, cache, tables, num_seqs, max_q_len, *, b
         return (t.stride(0), t.stride(1), t.stride(2)) if batched else (0, t.stride(0), t.stride(1))
 
     paged = cache is not None
+    fp8 = paged and is_fp8(cache)
     cache_strides = cache.stride()[:4] if paged else (0, 0, 0, 0)
     use_tma = not batched and _tma_fits(q, k, v)
     if use_tma:  # the same tiles through the copy engine, as [T, heads * D] matrices
@@ -293,14 +322,15 @@ def _prefill(q, k, v, out, cu, kv_lens, cache, tables, num_seqs, max_q_len, *, b
         q_src, k_src, v_src = q, k, v
     _prefill_kernel[grid](
         q_src, k_src, v_src, out, cache if paged else q, cu, kv_lens, tables if paged else cu,
+        kv_scales if fp8 else cu,
         num_seqs, scale * LOG2E, softcap, sliding_window, cache.shape[3] if paged else 1,
         *strides(q), *strides(k), *strides(v), *strides(out),
         *cache_strides, tables.stride(0) if paged else 0,
         GROUP=num_heads // num_kv_heads, D=head_dim, BLOCK_D=_block_d(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, VARLEN=not batched, PAGED=paged,
         SKIP_DECODES=skip_decodes, CAUSAL=causal, WINDOW=causal and sliding_window > 0,
-        SOFTCAP=softcap > 0, PRECISION=_precision(q), USE_TMA=use_tma, num_warps=num_warps,
-        num_stages=num_stages,
+        SOFTCAP=softcap > 0, PRECISION=_precision(q), USE_TMA=use_tma, FP8=fp8,
+        HW_CAST=hw_cast(), num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -341,11 +371,13 @@ def cached_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, cu_seqlens_q: Tensor,
     seq_lens_kv: Tensor, block_tables: Tensor, slot_mapping: Tensor, layer_idx: int,
     scale: float, causal: bool, sliding_window: int, softcap: float,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     """`trtllm::cached_attention` on the GPU, without a host sync: q [T, H, D], k, v
-    [T, Hkv, D], kv_cache [num_blocks, 2, Hkv, bs, D] (written in place) -> [T, H, D]."""
+    [T, Hkv, D], kv_cache [num_blocks, 2, Hkv, bs, D] (written in place; fp8 with kv_scales
+    [2]) -> [T, H, D]."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    write_kv_triton(kv_cache, k, v, slot_mapping)
+    write_kv_triton(kv_cache, k, v, slot_mapping, kv_scales)
     num_seqs = seq_lens_kv.shape[0]
     # As many tokens as sequences: all decodes (AttentionMetadata.build checks it), so every
     # row is written by the decode kernel and there is no prefill to launch.
@@ -356,10 +388,10 @@ def cached_attention_triton(
     if not decodes_only:
         _prefill(q, k, v, out, cu_seqlens_q, seq_lens_kv, kv_cache, block_tables, num_seqs, None,
                  batched=False, scale=scale, causal=causal, sliding_window=sliding_window,
-                 softcap=softcap, skip_decodes=True)
+                 softcap=softcap, skip_decodes=True, kv_scales=kv_scales)
     # A decode's one query sits last in its context: causal or not, it sees every key.
     _decode(q, out, cu_seqlens_q, seq_lens_kv, kv_cache, block_tables, scale=scale,
-            sliding_window=sliding_window if causal else -1, softcap=softcap)
+            sliding_window=sliding_window if causal else -1, softcap=softcap, kv_scales=kv_scales)
     return out
 
 
@@ -367,7 +399,7 @@ def rope_cached_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
     kv_cache: Tensor, cu_seqlens_q: Tensor, seq_lens_kv: Tensor, block_tables: Tensor,
     slot_mapping: Tensor, layer_idx: int, scale: float, causal: bool, sliding_window: int,
-    softcap: float,
+    softcap: float, kv_scales: Tensor | None = None,
 ) -> Tensor:
     """`trtllm::rope_cached_attention` on the GPU: q [T, H, D], k, v [T, Hkv, D] (q, k before
     rope), cos, sin [T, Drot], kv_cache [num_blocks, 2, Hkv, bs, D] (written) -> [T, H, D].
@@ -389,10 +421,10 @@ def rope_cached_attention_triton(
         return cached_attention_triton(
             q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1), v, kv_cache, cu_seqlens_q,
             seq_lens_kv, block_tables, slot_mapping, layer_idx, scale, causal, sliding_window,
-            softcap)
+            softcap, kv_scales)
     q, k, v, cos, sin = (_last_dim_contiguous(t) for t in (q, k, v, cos, sin))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]; every row a decode
     _decode(q, out, cu_seqlens_q, seq_lens_kv, kv_cache, block_tables, scale=scale,
             sliding_window=sliding_window if causal else -1, softcap=softcap,
-            new_tokens=NewTokens(k, v, cos, sin, slot_mapping, interleaved))
+            new_tokens=NewTokens(k, v, cos, sin, slot_mapping, interleaved), kv_scales=kv_scales)
     return out

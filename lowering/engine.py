@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.fx import Graph, GraphModule
 from tqdm.auto import tqdm
 
+from trtllm.fusion.kv_cache_fp8 import kv_cache_dtype
 from trtllm.kernels.errors import LoweringError, TrtllmError
 
 from .registry import Registry, default_registry
@@ -39,6 +40,7 @@ class Engine:
         self.target = target
         self.input_names = [n.target for n in graph.nodes if n.op == "placeholder"]
         self.device, self.dtype = _device_and_dtype(weights)
+        self.kv_cache_dtype = kv_cache_dtype(graph, self.dtype)  # float8_e4m3fn where the attention reads kv_scales
         # node name -> name of the implementation that runs it (trtllm ops only)
         self.implementations: dict[str, str] = {}
         self._module = _executable(graph, weights, target, registry or default_registry(), self.device,

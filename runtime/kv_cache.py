@@ -101,7 +101,9 @@ class KVCachePool:
         if not copies:
             return
         src, dst = torch.tensor(copies, dtype=torch.long).T.to(self.device)  # [n] each
-        self.buffer[:, dst] = self.buffer[:, src]
+        # Through a byte view: the same bits, and index kernels take every dtype so (fp8 too).
+        blocks = self.buffer.view(torch.uint8)
+        blocks[:, dst] = blocks[:, src]
 
 
 class NoFreeBlocksError(RuntimeError):

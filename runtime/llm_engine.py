@@ -144,7 +144,7 @@ class LLMEngine:
         self.config = config
         self.detokenize = detokenize
         self.pool = KVCachePool(spec.num_layers, config.blocks(), spec.num_kv_heads, config.block_size,
-                                spec.head_dim, engine.dtype, engine.device)
+                                spec.head_dim, engine.kv_cache_dtype, engine.device)
         self.scheduler = Scheduler(config.block_size, self.pool.num_blocks, config.max_batch_size,
                                    config.max_num_tokens, config.max_seq_len)
         self.runner = ModelRunner(engine, self.pool, config.max_batch_size, config.max_seq_len, config.cuda_graphs,

@@ -370,7 +370,7 @@ def measure_activation_peak(engine: Engine, num_tokens: int, num_rows: int, bloc
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     pool = KVCachePool(spec.num_layers, per * len(lengths), spec.num_kv_heads, block_size, spec.head_dim,
-                       engine.dtype, device)
+                       engine.kv_cache_dtype, device)
     sequences = [ScheduledSequence(f"profile-{i}", [0] * n, list(range(n)), n, list(range(i * per, (i + 1) * per)),
                                    True, True) for i, n in enumerate(lengths)]
     ends = [sum(lengths[: i + 1]) - 1 for i in range(len(lengths))]

@@ -75,7 +75,7 @@ def test_a_quantized_dtype_alone_is_checked_against_its_compute_dtype():
 
 @pytest.mark.parametrize("dtypes, match", [
     ((), "no dtype to measure"), (("bf16", "fp4"), r"unknown dtype 'fp4'"),
-    (("bf16+lm_head",), r"unknown dtype 'bf16\+lm_head'.*a quantized one with '\+lm_head'"),
+    (("bf16+lm_head",), r"unknown dtype 'bf16\+lm_head'.*\+lm_head on a quantized dtype"),
     (("int8", "int8"), "name one twice"),
 ])
 def test_bad_dtype_lists(dtypes, match):
@@ -83,12 +83,16 @@ def test_bad_dtype_lists(dtypes, match):
         run_bench(BenchConfig(model="tiny", dtypes=dtypes, device="cpu"), progress=False)
 
 
-def test_a_quantized_lm_head_variant():
+def test_dtype_variants():
     """'int4+lm_head' compiles with quantize_lm_head=True: the LM head's int4 weights make its
-    decode bytes smaller than int4's, and it is checked against the same unquantized engine."""
-    config = BenchConfig(model="tiny", dtypes=("int4", "int4+lm_head"), device="cpu", new_tokens=4, ttft_lengths=(),
-                         throughput=(), baselines=(), repeats=1, accuracy_prompts=(2, 8))
+    decode bytes smaller than int4's, and it is checked against the same unquantized engine;
+    'fp32+kv_fp8' keeps an fp8 KV cache (scales calibrated on generated prompts) and is checked
+    against fp32."""
+    config = BenchConfig(model="tiny", dtypes=("int4", "int4+lm_head", "fp32+kv_fp8"), device="cpu", new_tokens=4,
+                         ttft_lengths=(), throughput=(), baselines=(), repeats=1, accuracy_prompts=(2, 8))
     result = run_bench(config, progress=False)["dtypes"]
     assert result["int4+lm_head"]["decode_weight_gb"] < result["int4"]["decode_weight_gb"]
     assert result["int4+lm_head"]["accuracy"]["reference"] == result["int4"]["accuracy"]["reference"] == "fp32"
     assert result["int4+lm_head"]["accuracy"]["rms_err"] > result["int4"]["accuracy"]["rms_err"]
+    kv = result["fp32+kv_fp8"]["accuracy"]
+    assert kv["reference"] == "fp32" and 0 < kv["rms_err"] < result["int4"]["accuracy"]["rms_err"]

@@ -96,13 +96,15 @@ def test_dtype_choices(capsys):
     for argv, message in [(["run", "--dtype", "int3"], "invalid choice: 'int3'"),
                           (["build", "--output", "x", "--dtype", "fp4"], "invalid choice: 'fp4'"),
                           (["bench", "--dtype", "bf16,fp4"], "unknown dtype 'fp4'"),
-                          (["bench", "--dtype", "bf16+lm_head"], "a quantized one with '+lm_head'"),
+                          (["bench", "--dtype", "bf16+lm_head"], "+lm_head on a quantized dtype"),
+                          (["bench", "--dtype", "fp8+kv_fp8+kv_fp8"], "unknown dtype 'fp8+kv_fp8+kv_fp8'"),
                           (["bench", "--dtype", "fp8,fp8"], "names a dtype twice")]:
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
     from trtllm.frontend.cli import build_parser
 
-    assert build_parser().parse_args(["bench", "--dtype", "int4,int4+lm_head"]).dtype == ("int4", "int4+lm_head")
+    assert build_parser().parse_args(["bench", "--dtype", "int4,int4+lm_head,bf16+kv_fp8"]).dtype == (
+        "int4", "int4+lm_head", "bf16+kv_fp8")
     args = build_parser().parse_args(["bench", "--dtype", "bf16,fp8,int8,int4"])
     assert args.dtype == ("bf16", "fp8", "int8", "int4") and args.accuracy_prompts == (8, 64)
