@@ -15,6 +15,10 @@ PACKAGE_DIRS = {
     "trtllm.runtime": "runtime",
 }
 
+# torch.onnx's exporter needs onnxscript; onnx-graphsurgeon writes the plugin nodes; onnxruntime
+# runs the standard-ops file.
+ONNX = ["onnx>=1.16", "onnxscript>=0.5", "onnx-graphsurgeon>=0.5", "onnxruntime>=1.18"]
+
 setup(
     name="trtllm",
     version="0.1.0",
@@ -33,9 +37,11 @@ setup(
     ],
     extras_require={
         # Tests on CPU run the kernels in Triton's interpreter, which needs 3.8 with numpy 2.4.
-        "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib", *ONNX],
         # `trtllm bench --plot` and `benchmarks/kernel_bench.py --plot`
         "bench": ["matplotlib"],
+        # trtllm.export_onnx (and the tensorrt backend, whose TensorRT itself is installed apart)
+        "onnx": ONNX,
     },
     entry_points={
         "console_scripts": ["trtllm=trtllm.frontend.cli:main"],

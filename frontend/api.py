@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from trtllm.fusion import Pattern, format_report, pipeline, run_passes
+from trtllm.fusion import STEP, Pattern, format_report, pipeline, run_passes
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
 from trtllm.lowering.fold import fold_weights
@@ -46,11 +46,15 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
 
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
     done("trace")
-    reports = run_passes(traced.graph_module, pipeline(patterns, quantization=config.quantization()))
+    stateless_passes, step_passes = split_step_passes(pipeline(patterns, quantization=config.quantization()))
+    reports = run_passes(traced.graph_module, stateless_passes)
     done("fusion")
     weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
     weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them
     done("weights")
+    stateless = copy_graph(traced.graph_module.graph)  # ids in, logits out: what export_onnx writes
+    reports += run_passes(traced.graph_module, step_passes)
+    done("step_passes")
     engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
     compiled = CompiledModel(engine, config, tokenizer=tokenizer)
@@ -58,7 +62,22 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
     compiled.compile_seconds = sum(stages.values())
     compiled.compile_stages = stages
     compiled.pass_reports = reports
+    compiled.stateless_graph = stateless
     return compiled
+
+
+def split_step_passes(passes: list) -> tuple[list, list]:
+    """`passes` before the step passes (the stateless fused graph: ids in, logits out), and
+    from the first step pass on (gather_logits, insert_kv_cache, ...)."""
+    names = [name for name, _ in passes]
+    first = names.index(STEP[0][0])
+    return passes[:first], passes[first:]
+
+
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    copy = torch.fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
 
 
 def load(path: str | Path, *, tokenizer=None, device: str | None = None, **runtime_options) -> CompiledModel:
@@ -85,6 +104,8 @@ class CompiledModel:
         self.compile_seconds: float | None = None
         self.compile_stages: dict[str, float] = {}  # seconds per stage of `compile`
         self.pass_reports: list = []
+        # the fused graph before the step passes (reads engine.weights); None when loaded
+        self.stateless_graph: torch.fx.Graph | None = None
         detokenize = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self.runtime = LLMEngine(engine, _runtime_config(engine, config), detokenize)
 
