@@ -55,10 +55,16 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
     stateless = copy_graph(traced.graph_module.graph)  # ids in, logits out: what export_onnx writes
     reports += run_passes(traced.graph_module, step_passes)
     done("step_passes")
-    engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
+    # The step engine (paged KV cache) is native under either backend (frontend/tensorrt_backend.py).
+    engine = Engine(traced.graph_module.graph, weights, traced.spec, target="native")
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
     compiled = CompiledModel(engine, config, tokenizer=tokenizer)
     done("runtime")  # sizing the KV cache, capturing CUDA graphs
+    if config.backend == "tensorrt":
+        from .tensorrt_backend import build_tensorrt
+
+        compiled.tensorrt = build_tensorrt(stateless, weights, config, max_num_tokens=compiled.max_seq_len)
+        done("tensorrt")
     compiled.compile_seconds = sum(stages.values())
     compiled.compile_stages = stages
     compiled.pass_reports = reports
@@ -87,11 +93,18 @@ def load(path: str | Path, *, tokenizer=None, device: str | None = None, **runti
     meta = json.loads((path / "trtllm.json").read_text()) if (path / "trtllm.json").is_file() else {}
     config = dataclasses.replace(BuildConfig(**meta.get("build_config", {})), **runtime_options)
     config.validate()
+    compiled_tensorrt = None
+    if config.backend == "tensorrt":
+        from trtllm.lowering.tensorrt_engine import TensorRTEngine
+
+        compiled_tensorrt = TensorRTEngine.load(path, config.torch_device())
     if tokenizer is None and (path / "tokenizer").is_dir():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-    return CompiledModel(engine, config, tokenizer=tokenizer)
+    compiled = CompiledModel(engine, config, tokenizer=tokenizer)
+    compiled.tensorrt = compiled_tensorrt
+    return compiled
 
 
 class CompiledModel:
@@ -106,6 +119,7 @@ class CompiledModel:
         self.pass_reports: list = []
         # the fused graph before the step passes (reads engine.weights); None when loaded
         self.stateless_graph: torch.fx.Graph | None = None
+        self.tensorrt = None  # backend="tensorrt": its TensorRTEngine, which __call__ runs
         detokenize = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self.runtime = LLMEngine(engine, _runtime_config(engine, config), detokenize)
 
@@ -127,6 +141,10 @@ class CompiledModel:
         input_ids = _as_ids_tensor(input_ids)
         if input_ids.shape[1] > self.max_seq_len:
             raise RequestError(f"input has {input_ids.shape[1]} tokens, beyond max_seq_len={self.max_seq_len}")
+        if self.tensorrt is not None:
+            from .tensorrt_backend import tensorrt_logits
+
+            return tensorrt_logits(self.tensorrt, input_ids)
         return self.runtime.logits(input_ids)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, **hf_kwargs):
@@ -178,6 +196,8 @@ class CompiledModel:
         """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer."""
         path = Path(path)
         self.engine.save(path)
+        if self.tensorrt is not None:
+            self.tensorrt.save(path)
         (path / "trtllm.json").write_text(json.dumps({"build_config": dataclasses.asdict(self.config)}, indent=1))
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(path / "tokenizer"))

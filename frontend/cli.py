@@ -14,7 +14,7 @@ import torch
 
 from trtllm.kernels.errors import TrtllmError
 
-from .config import ALL_DTYPES, QUANTIZED_DTYPES, BuildConfig
+from .config import ALL_DTYPES, BACKENDS, QUANTIZED_DTYPES, BuildConfig
 
 
 def _load_model(name: str, dtype: torch.dtype | None):
@@ -131,7 +131,7 @@ def cmd_build(args) -> int:
     dtype = args.dtype or _default_dtype(args.device)
     model = _load_model(args.model, BuildConfig(dtype=dtype, device=args.device).torch_dtype())
     llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=args.max_batch_size,
-                         max_seq_len=args.max_seq_len)
+                         max_seq_len=args.max_seq_len, backend=args.backend)
     llm.save(args.output)
     print(f"built {args.model} ({dtype}) in {llm.compile_seconds:.2f} s; engine saved to {args.output}")
     return 0
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output", required=True, help="engine folder to write")
     build.add_argument("--max-batch-size", type=int, default=8)
     build.add_argument("--max-seq-len", type=int, default=None)
+    build.add_argument("--backend", choices=BACKENDS, default="native",
+                       help="tensorrt: also build a TensorRT engine of the fused graph (needs TensorRT)")
     build.set_defaults(func=cmd_build)
     bench = commands.add_parser("bench", help="decode speed, time to first token and throughput of a built-in "
                                 "shape, next to transformers and the copy-bandwidth roofline")

@@ -54,7 +54,7 @@ def op_name(op: torch._ops.OpOverload) -> str:
     return op._schema.name.split("::", 1)[1]
 
 
-def _is_attribute(arg: torch._C.Argument) -> bool:
+def is_attribute(arg: torch._C.Argument) -> bool:
     return str(arg.type).rstrip("?") in _ATTRIBUTE_TYPES
 
 
@@ -63,7 +63,7 @@ def onnx_schema(op: torch._ops.OpOverload) -> OpSchema:
     schema = op._schema
     inputs, attributes = [], []
     for arg in schema.arguments:
-        if _is_attribute(arg):
+        if is_attribute(arg):
             kind = _ATTRIBUTE_TYPES[str(arg.type).rstrip("?")]
             attributes.append(OpSchema.Attribute(arg.name, kind, "", required=False))
         else:
@@ -95,7 +95,7 @@ def plugin_translation(op: torch._ops.OpOverload) -> Callable:
     schema = op._schema
     onnx_op = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION), op_name(op), onnx_schema(op))
     names = [arg.name for arg in schema.arguments]
-    attributes = [arg.name for arg in schema.arguments if _is_attribute(arg)]
+    attributes = [arg.name for arg in schema.arguments if is_attribute(arg)]
     tensors = [name for name in names if name not in attributes]
     python_types = {"float": float, "bool": bool, "str": str, "ScalarType": int}
 
@@ -111,7 +111,7 @@ def plugin_translation(op: torch._ops.OpOverload) -> Callable:
         for arg in schema.arguments
     ])
     translate.__annotations__ = {
-        arg.name: python_types.get(str(arg.type).rstrip("?"), int) for arg in schema.arguments if _is_attribute(arg)}
+        arg.name: python_types.get(str(arg.type).rstrip("?"), int) for arg in schema.arguments if is_attribute(arg)}
     translate.__name__ = f"trtllm_{op_name(op)}"
     return translate
 
