@@ -13,6 +13,7 @@ PACKAGE_DIRS = {
     "trtllm.lowering": "lowering",
     "trtllm.kernels": "kernels",
     "trtllm.runtime": "runtime",
+    "trtllm.plugins_cpp": "plugins_cpp",  # its CUDA sources compile at first use (plugins_cpp/__init__.py)
 }
 
 # torch.onnx's exporter needs onnxscript; onnx-graphsurgeon writes the plugin nodes; onnxruntime
@@ -26,6 +27,7 @@ setup(
     python_requires=">=3.11",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
+    package_data={"trtllm.plugins_cpp": ["csrc/*.cu", "csrc/*.h"]},
     install_requires=[
         "torch>=2.11",
         "transformers>=5.17,<6",
