@@ -27,7 +27,7 @@ setup(
     python_requires=">=3.11",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"trtllm.plugins_cpp": ["csrc/*.cu", "csrc/*.h"]},
+    package_data={"trtllm.plugins_cpp": ["csrc/*.cu", "csrc/*.h", "csrc/*.cuh", "tensorrt/*.cu"]},
     install_requires=[
         "torch>=2.11",
         "transformers>=5.17,<6",

@@ -84,3 +84,12 @@ def test_fp8_gemm_matches_dequantized_reference(m, with_bias):
     if bias is not None:
         ref = ref + bias.float()
     assert out.dtype == torch.bfloat16 and _rel(out, ref) < REL_TOL[torch.bfloat16]
+
+
+def test_tensorrt_plugins_need_tensorrt_headers(monkeypatch, tmp_path):
+    from trtllm.plugins_cpp import tensorrt_plugins
+
+    monkeypatch.setenv("TENSORRT_ROOT", str(tmp_path))  # a folder without include/NvInfer.h
+    monkeypatch.setattr(tensorrt_plugins, "HEADER_DIRS", ())
+    with pytest.raises(ConfigError, match="NvInfer.h"):
+        tensorrt_plugins.build_tensorrt_plugins()
