@@ -85,6 +85,48 @@ def test_plugin_nodes_carry_their_attributes(model, plugin_file):
     assert {n.op_type for n in proto.graph.node if n.domain == ""} >= {"MatMul", "Gather"}
 
 
+def _plugin_evaluator_ops() -> list[type]:
+    """onnx.reference implementations of the `trtllm` plugin nodes: each runs its op's torch
+    reference, reading the node's inputs and attributes as a TensorRT plugin would."""
+    from onnx.reference.op_run import OpRun
+
+    from trtllm.lowering.onnx_plugins import is_attribute, op_name, reference
+    from trtllm.lowering.registry import trtllm_ops
+
+    def make(op):
+        def _run(self, *inputs, **attrs):
+            tensors = iter(inputs)
+            args = []
+            for arg in op._schema.arguments:
+                if is_attribute(arg):
+                    value = attrs[arg.name]
+                    value = value.decode() if isinstance(value, bytes) else value
+                    args.append(bool(value) if str(arg.type) == "bool" else value)
+                else:
+                    value = next(tensors, None)
+                    args.append(None if value is None else torch.tensor(np.array(value)))
+            out = reference(op)(*args)
+            return tuple(o.numpy() for o in (out if isinstance(out, tuple) else (out,)))
+
+        return type(op_name(op), (OpRun,), {"op_domain": "trtllm", "_run": _run})
+
+    return [make(op) for op in trtllm_ops()]
+
+
+@torch.no_grad()
+def test_plugin_file_computes_the_model(model, plugin_file):
+    """The plugin nodes are wired right (inputs, outputs, attributes): evaluated by onnx's
+    reference evaluator with each node running its op's reference, the file gives the logits."""
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(plugin_file), new_ops=_plugin_evaluator_ops())
+    ids = torch.tensor([[3, 141, 59, 265, 35, 89, 79]])
+    feeds = {"input_ids": ids.numpy(), "position_ids": np.arange(ids.shape[1])[None]}
+    got = evaluator.run(["logits"], feeds)[0]
+    expected = model(ids).logits.numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 @torch.no_grad()
 def test_export_from_a_compiled_model(model, tmp_path):
     llm = trtllm.compile(model, dtype="fp32", device="cpu", cuda_graphs=False, max_seq_len=64)
