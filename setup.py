@@ -13,7 +13,12 @@ PACKAGE_DIRS = {
     "trtllm.lowering": "lowering",
     "trtllm.kernels": "kernels",
     "trtllm.runtime": "runtime",
+    "trtllm.plugins_cpp": "plugins_cpp",  # its CUDA sources compile at first use (plugins_cpp/__init__.py)
 }
+
+# torch.onnx's exporter needs onnxscript; onnx-graphsurgeon writes the plugin nodes; onnxruntime
+# runs the standard-ops file.
+ONNX = ["onnx>=1.16", "onnxscript>=0.5", "onnx-graphsurgeon>=0.5", "onnxruntime>=1.18"]
 
 setup(
     name="trtllm",
@@ -22,6 +27,7 @@ setup(
     python_requires=">=3.11",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
+    package_data={"trtllm.plugins_cpp": ["csrc/*.cu", "csrc/*.h", "csrc/*.cuh", "tensorrt/*.cu"]},
     install_requires=[
         "torch>=2.11",
         "transformers>=5.17,<6",
@@ -34,9 +40,12 @@ setup(
     extras_require={
         # Tests on CPU run the kernels in Triton's interpreter, which needs 3.8 with numpy 2.4.
         # accelerate: transformers loads FP8 checkpoints through it (tests/frontend/test_fp8_checkpoint.py)
-        "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib", "accelerate"],
+        "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib", "accelerate",
+                 *ONNX],
         # `trtllm bench --plot` and `benchmarks/kernel_bench.py --plot`
         "bench": ["matplotlib"],
+        # trtllm.export_onnx (and the tensorrt backend, whose TensorRT itself is installed apart)
+        "onnx": ONNX,
     },
     entry_points={
         "console_scripts": ["trtllm=trtllm.frontend.cli:main"],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from trtllm.fusion import PassReport, Pattern, format_report, pipeline, run_passes
+from trtllm.fusion import STEP, PassReport, Pattern, format_report, pipeline, run_passes
 from trtllm.fusion.kv_cache_fp8 import kv_scale_weights
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
@@ -55,11 +55,12 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
 
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
     done("trace")
-    reports = run_passes(traced.graph_module, pipeline(
+    stateless_passes, step_passes = split_step_passes(pipeline(
         patterns, quantization=config.quantization(), quantize_lm_head=config.quantize_lm_head,
         kv_cache_fp8=kv_fp8))
+    reports = run_passes(traced.graph_module, stateless_passes)
     done("fusion")
-    weights = {**traced.weights, **kv_scale_weights(traced.graph_module)}
+    weights = dict(traced.weights)
     if config.quantization() == "fp8":  # an FP8 checkpoint's weights and scales, where fp8_gemm takes them
         start = time.perf_counter()
         kept, checkpoint = use_checkpoint_fp8(traced.graph_module, checkpoint_fp8_weights(model))
@@ -68,7 +69,12 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
     weights = prepare_weights(traced.graph_module, weights, config.torch_device())
     weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them
     done("weights")
-    engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
+    stateless = copy_graph(traced.graph_module.graph)  # ids in, logits out: what export_onnx writes
+    reports += run_passes(traced.graph_module, step_passes)
+    weights.update(prepare_weights(traced.graph_module, kv_scale_weights(traced.graph_module), config.torch_device()))
+    done("step_passes")
+    # The step engine (paged KV cache) is native under either backend (frontend/tensorrt_backend.py).
+    engine = Engine(traced.graph_module.graph, weights, traced.spec, target="native")
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
     if kv_fp8:
         set_kv_scales(engine, model, calibration_token_ids(calibration_prompts, tokenizer), config.block_size,
@@ -76,10 +82,30 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
         done("kv_scales")
     compiled = CompiledModel(engine, config, tokenizer=tokenizer)
     done("runtime")  # sizing the KV cache, capturing CUDA graphs
+    if config.backend == "tensorrt":
+        from .tensorrt_backend import build_tensorrt
+
+        compiled.tensorrt = build_tensorrt(stateless, weights, config, max_num_tokens=compiled.max_seq_len)
+        done("tensorrt")
     compiled.compile_seconds = sum(stages.values())
     compiled.compile_stages = stages
     compiled.pass_reports = reports
+    compiled.stateless_graph = stateless
     return compiled
+
+
+def split_step_passes(passes: list) -> tuple[list, list]:
+    """`passes` before the step passes (the stateless fused graph: ids in, logits out), and
+    from the first step pass on (gather_logits, insert_kv_cache, ...)."""
+    names = [name for name, _ in passes]
+    first = names.index(STEP[0][0])
+    return passes[:first], passes[first:]
+
+
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    copy = torch.fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
 
 
 def load(path: str | Path, *, tokenizer=None, device: str | None = None, **runtime_options) -> CompiledModel:
@@ -89,11 +115,18 @@ def load(path: str | Path, *, tokenizer=None, device: str | None = None, **runti
     meta = json.loads((path / "trtllm.json").read_text()) if (path / "trtllm.json").is_file() else {}
     config = dataclasses.replace(BuildConfig(**meta.get("build_config", {})), **runtime_options)
     config.validate()
+    compiled_tensorrt = None
+    if config.backend == "tensorrt":
+        from trtllm.lowering.tensorrt_engine import TensorRTEngine
+
+        compiled_tensorrt = TensorRTEngine.load(path, config.torch_device())
     if tokenizer is None and (path / "tokenizer").is_dir():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-    return CompiledModel(engine, config, tokenizer=tokenizer)
+    compiled = CompiledModel(engine, config, tokenizer=tokenizer)
+    compiled.tensorrt = compiled_tensorrt
+    return compiled
 
 
 class CompiledModel:
@@ -106,6 +139,9 @@ class CompiledModel:
         self.compile_seconds: float | None = None
         self.compile_stages: dict[str, float] = {}  # seconds per stage of `compile`
         self.pass_reports: list = []
+        # the fused graph before the step passes (reads engine.weights); None when loaded
+        self.stateless_graph: torch.fx.Graph | None = None
+        self.tensorrt = None  # backend="tensorrt": its TensorRTEngine, which __call__ runs
         detokenize = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self.runtime = LLMEngine(engine, _runtime_config(engine, config), detokenize)
 
@@ -127,6 +163,10 @@ class CompiledModel:
         input_ids = _as_ids_tensor(input_ids)
         if input_ids.shape[1] > self.max_seq_len:
             raise RequestError(f"input has {input_ids.shape[1]} tokens, beyond max_seq_len={self.max_seq_len}")
+        if self.tensorrt is not None:
+            from .tensorrt_backend import tensorrt_logits
+
+            return tensorrt_logits(self.tensorrt, input_ids)
         return self.runtime.logits(input_ids)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, **hf_kwargs):
@@ -178,6 +218,8 @@ class CompiledModel:
         """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer."""
         path = Path(path)
         self.engine.save(path)
+        if self.tensorrt is not None:
+            self.tensorrt.save(path)
         (path / "trtllm.json").write_text(json.dumps({"build_config": dataclasses.asdict(self.config)}, indent=1))
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(path / "tokenizer"))

@@ -14,7 +14,7 @@ import torch
 
 from trtllm.kernels.errors import ConfigError, TrtllmError
 
-from .config import ALL_DTYPES, DTYPE_SUFFIXES, QUANTIZED_DTYPES, BuildConfig, parse_dtype_variant
+from .config import ALL_DTYPES, BACKENDS, DTYPE_SUFFIXES, QUANTIZED_DTYPES, BuildConfig, parse_dtype_variant
 
 
 def _load_model(name: str, dtype: torch.dtype | None):
@@ -132,7 +132,7 @@ def cmd_build(args) -> int:
     dtype = args.dtype or _default_dtype(args.device)
     model = _load_model(args.model, BuildConfig(dtype=dtype, device=args.device).torch_dtype())
     llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=args.max_batch_size,
-                         max_seq_len=args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype)
+                         max_seq_len=args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype, backend=args.backend)
     llm.save(args.output)
     print(f"built {args.model} ({dtype}) in {llm.compile_seconds:.2f} s; engine saved to {args.output}")
     return 0
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output", required=True, help="engine folder to write")
     build.add_argument("--max-batch-size", type=int, default=8)
     build.add_argument("--max-seq-len", type=int, default=None)
+    build.add_argument("--backend", choices=BACKENDS, default="native",
+                       help="tensorrt: also build a TensorRT engine of the fused graph (needs TensorRT)")
     build.set_defaults(func=cmd_build)
     bench = commands.add_parser("bench", help="decode speed, time to first token and throughput of a built-in "
                                 "shape, next to transformers and the copy-bandwidth roofline")

@@ -93,7 +93,7 @@ class BuildConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; use one of {BACKENDS}")
         if self.backend == "tensorrt":
-            raise ConfigError("backend='tensorrt' is not built yet; use backend='native'")
+            self._validate_tensorrt()
         if self.tensor_parallel != 1:
             raise ConfigError(f"tensor_parallel={self.tensor_parallel} is not supported yet; use 1")
         for name in ("max_batch_size", "max_num_tokens", "block_size", "decode_steps"):
@@ -117,3 +117,13 @@ class BuildConfig:
                     + ("use dtype='int8' or 'int4' (weight-only) instead" if field == "dtype"
                        else "leave kv_cache_dtype None")
                 )
+
+    def _validate_tensorrt(self) -> None:
+        from trtllm.lowering.tensorrt_engine import require_tensorrt
+
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"backend='tensorrt' builds fp32, fp16 or bf16 engines; dtype={self.dtype!r} needs "
+                              "backend='native'")
+        require_tensorrt()
+        if self.torch_device().type != "cuda":
+            raise ConfigError(f"backend='tensorrt' runs on a CUDA GPU; device={self.device!r} is not one")

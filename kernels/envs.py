@@ -43,3 +43,10 @@ def decode_fusion() -> str:
     if value not in DECODE_FUSION_MODES:
         raise ConfigError(f"TRTLLM_DECODE_FUSION={value!r}: use one of {sorted(DECODE_FUSION_MODES)}")
     return DECODE_FUSION_MODES[value]
+
+
+def tensorrt_root() -> Path | None:
+    """`TENSORRT_ROOT`: a TensorRT install whose `include/` holds NvInfer.h, for compiling the
+    C++ plugins of plugins_cpp/tensorrt (plugins_cpp/tensorrt_plugins.py)."""
+    value = os.environ.get("TENSORRT_ROOT")
+    return Path(value) if value else None

@@ -140,6 +140,12 @@ def _executable(graph: Graph, weights: dict, target: str, registry: Registry,
                 continue
         node.target = impl.callable_for(node, weights)
         chosen[node.name] = impl.name
+    return GraphModule(weights_module(weights), exec_graph)
+
+
+def weights_module(weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module holding each weight as a buffer at its dotted get_attr target, the root of a
+    GraphModule over a graph that reads them."""
     root = torch.nn.Module()
     for name, tensor in weights.items():
         owner = root
@@ -149,7 +155,7 @@ def _executable(graph: Graph, weights: dict, target: str, registry: Registry,
                 owner.add_module(part, torch.nn.Module())
             owner = getattr(owner, part)
         owner.register_buffer(leaf, tensor, persistent=False)
-    return GraphModule(root, exec_graph)
+    return root
 
 
 def _dedup(weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -2,6 +2,7 @@
 
 from trtllm.frontend.api import CompiledModel, compile, load
 from trtllm.frontend.config import BuildConfig
+from trtllm.frontend.export_onnx import export_onnx
 from trtllm.kernels.errors import (
     ConfigError,
     LoweringError,
@@ -13,5 +14,5 @@ from trtllm.runtime.sampling_params import GenerationOutput, SamplingParams
 
 __all__ = [
     "BuildConfig", "CompiledModel", "ConfigError", "GenerationOutput", "LoweringError", "RequestError",
-    "SamplingParams", "TrtllmError", "UnsupportedModelError", "compile", "load",
+    "SamplingParams", "TrtllmError", "UnsupportedModelError", "compile", "export_onnx", "load",
 ]

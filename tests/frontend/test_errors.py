@@ -57,7 +57,7 @@ def test_string_prompt_without_tokenizer(llm):
 @pytest.mark.parametrize("options, match", [
     ({"dtype": "fp64"}, "unknown dtype 'fp64'"),
     ({"dtype": "int3"}, "unknown dtype 'int3'.*'int4'"),
-    ({"dtype": "fp8", "kv_cache_dtype": "fp8"}, "kv_cache_dtype='fp8' is not supported yet"),
+    ({"dtype": "fp8", "kv_cache_dtype": "int8"}, r"kv_cache_dtype='int8' is not supported; use one of \[None, 'fp32', 'fp8'\]"),
     ({"backend": "onnx"}, "unknown backend"),
     ({"max_batch_size": 0}, "max_batch_size"),
     ({"max_bach_size": 4}, "unknown compile option"),
