@@ -213,4 +213,9 @@ def test_quantized_on_gpu_in_bf16(fmt):
         logits = llm([prompt + out.token_ids])[0, len(prompt) - 1: -1].float()  # [24, V]
         chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
         gap = (logits.max(dim=1).values - chosen) / logits.abs().max()
-        assert gap.max() <= 2e-2, "greedy tokens of the CUDA-graph decode steps follow the model's own logits"
+        # The decode steps' kernels (GEMV, graphs) and the call's (GEMM, eager) differ in bf16
+        # rounding, and fp8 then quantizes their activations: a value near a tie between two
+        # E4M3 values lands on either, so the near-tie allowance adds the format's error for fp8
+        # (seen on an H100: 3.2e-2 at one of 48 tokens).
+        allowed = 2e-2 + (EPS[fmt] if fmt == "fp8" else 0.0)
+        assert gap.max() <= allowed, "greedy tokens of the CUDA-graph decode steps follow the model's own logits"

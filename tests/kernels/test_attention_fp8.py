@@ -184,6 +184,18 @@ def test_op_reads_scales_as_tensors():
 # ---------------------------------------------------------------- on the GPU, real shapes
 
 
+def assert_cache_within_one_step(cache, expected, share=1e-5):
+    """E4M3 caches equal but for at most `share` of their values, each one E4M3 step from the
+    expected one. On the GPU the kernels divide by the scale with div.full.f32 (within 2 ulp),
+    so a quotient next to a tie between two E4M3 values may round to the other one (seen on an
+    H100: 8 of 14 million values)."""
+    a, b = cache.float(), expected.float()
+    differ = a != b
+    step = torch.maximum(a.abs(), b.abs()) * 2**-3 + 2**-9  # a normal value's step, or the subnormal one
+    assert ((a - b).abs() <= step)[differ].all(), "a cache value is more than one E4M3 step off"
+    assert differ.float().mean().item() <= share, f"{int(differ.sum())} of {a.numel()} cache values differ"
+
+
 @pytest.mark.gpu
 def test_cached_attention_gpu_fp8_llama_8b_shapes():
     """Head dim 128, 32 query heads on 8 KV heads, bf16, contexts of a few thousand tokens:
@@ -195,7 +207,7 @@ def test_cached_attention_gpu_fp8_llama_8b_shapes():
     inputs = paged_step(seqs, block_size=32, dtype=torch.bfloat16, heads=(32, 8), head_dim=128)
     out, cache, ref, ref_cache = run_fp8(inputs, scales, (128**-0.5, True, -1, 0.0))
     close(out, ref)
-    torch.testing.assert_close(cache.float(), ref_cache.float(), atol=0, rtol=0, equal_nan=True)
+    assert_cache_within_one_step(cache, ref_cache)
     decodes = paged_step([(n, 1) for n in (4000, 3000, 17)], block_size=32, dtype=torch.bfloat16,
                          heads=(32, 8), head_dim=128, num_padding=0)
     out, _, ref, _ = run_fp8(decodes, scales, (128**-0.5, True, -1, 0.0))
@@ -224,6 +236,5 @@ def test_rope_decode_gpu_fp8_llama_8b_shapes(splits, monkeypatch):
     real = slice(0, 4)
     close(out[real], ref[real])
     # The new keys: rope in bf16 within 1 ulp of the reference's, then one E4M3 step at most.
-    torch.testing.assert_close(tri_cache.float(), ref_cache.float(), atol=2**-7, rtol=2**-3,
-                               equal_nan=True)
+    assert_cache_within_one_step(tri_cache, ref_cache)
     assert math.isfinite(out[real].float().abs().max().item())
