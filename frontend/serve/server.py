@@ -65,8 +65,9 @@ class ServerThread:
     """The server in a background thread: `with ServerThread(llm, config) as s: s.url`.
     Leaving the block shuts it down as a signal would (draining) and waits for it."""
 
-    def __init__(self, llm, config: ServeConfig = ServeConfig(port=0), start_timeout: float = 60.0):
-        self.server = _uvicorn_server(llm, config)
+    def __init__(self, llm, config: ServeConfig | None = None, start_timeout: float = 60.0):
+        """config: None serves on a free loopback port."""
+        self.server = _uvicorn_server(llm, config or ServeConfig(port=0))
         self.app = self.server.config.app
         self._thread = threading.Thread(target=self.server.run, name="trtllm-serve", daemon=True)
         self._start_timeout = start_timeout
