@@ -9,11 +9,14 @@ PACKAGE_DIRS = {
     "trtllm": "trtllm",
     "trtllm.frontend": "frontend",
     "trtllm.frontend.tracer": "frontend/tracer",
+    "trtllm.frontend.serve": "frontend/serve",
     "trtllm.fusion": "fusion",
     "trtllm.lowering": "lowering",
     "trtllm.kernels": "kernels",
     "trtllm.runtime": "runtime",
 }
+
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]
 
 setup(
     name="trtllm",
@@ -33,9 +36,12 @@ setup(
     ],
     extras_require={
         # Tests on CPU run the kernels in Triton's interpreter, which needs 3.8 with numpy 2.4.
-        "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib",
+                 *SERVE, "openai>=1.40", "httpx>=0.27"],
         # `trtllm bench --plot` and `benchmarks/kernel_bench.py --plot`
         "bench": ["matplotlib"],
+        # `trtllm serve`: the OpenAI-compatible HTTP server
+        "serve": SERVE,
     },
     entry_points={
         "console_scripts": ["trtllm=trtllm.frontend.cli:main"],
