@@ -17,6 +17,8 @@ PACKAGE_DIRS = {
 }
 
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]
+_X86_LINUX = "sys_platform == 'linux' and platform_machine == 'x86_64'"
+TRITON_SERVER = [f"nvidia-pytriton>=0.5; {_X86_LINUX}", f"tritonclient[grpc]>=2.50; {_X86_LINUX}"]
 
 setup(
     name="trtllm",
@@ -37,11 +39,14 @@ setup(
     extras_require={
         # Tests on CPU run the kernels in Triton's interpreter, which needs 3.8 with numpy 2.4.
         "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib",
-                 *SERVE, "openai>=1.40", "httpx>=0.27"],
+                 *SERVE, *TRITON_SERVER, "openai>=1.40", "httpx>=0.27"],
         # `trtllm bench --plot` and `benchmarks/kernel_bench.py --plot`
         "bench": ["matplotlib"],
         # `trtllm serve`: the OpenAI-compatible HTTP server
         "serve": SERVE,
+        # `trtllm.frontend.serve.triton`: Triton Inference Server through PyTriton (it bundles
+        # tritonserver, x86-64 Linux only, and needs numpy < 2)
+        "tritonserver": [*SERVE, *TRITON_SERVER],
     },
     entry_points={
         "console_scripts": ["trtllm=trtllm.frontend.cli:main"],
