@@ -101,49 +101,55 @@ class TritonDeployment:
             self._triton.stop()
         self.loop.stop(drain=True)
 
-    def _request(self, request) -> tuple[list[int], SamplingParams]:
-        """One Triton request's prompt ids and sampling parameters (RequestError if unusable)."""
-        inputs = request.data  # input name -> numpy array, for the inputs the client sent
-
-        def scalar(name: str, default):
-            value = inputs.get(name)
-            return default if value is None else value.reshape(-1)[0].item()
-
-        tokenizer = self.llm.tokenizer
-        if inputs.get("input_ids") is not None:
-            ids = [int(t) for t in inputs["input_ids"].reshape(-1)]
-        elif inputs.get("text_input") is not None and tokenizer is not None:
-            ids = list(tokenizer.encode(inputs["text_input"].reshape(-1)[0].decode()))
-        else:
-            raise RequestError("give input_ids, or text_input (the model needs a tokenizer for text)")
-        params = SamplingParams(
-            max_new_tokens=int(scalar("max_tokens", self.config.default_max_tokens)),
-            temperature=float(scalar("temperature", 0.0)), top_p=float(scalar("top_p", 1.0)),
-            top_k=int(scalar("top_k", 0)), seed=scalar("seed", None), ignore_eos=bool(scalar("ignore_eos", False)))
-        params.validate()
-        self.llm.runtime.check_prompt(ids)
-        max_len = self.llm.runtime.config.max_seq_len
-        if len(ids) + params.max_new_tokens > max_len:
-            raise RequestError(f"prompt of {len(ids)} tokens plus max_tokens={params.max_new_tokens} exceeds "
-                               f"max_seq_len={max_len}; shorten the prompt or lower max_tokens")
-        return ids, params
-
     async def _infer(self, requests) -> AsyncIterator[list[dict]]:
         if len(requests) != 1:
             raise RequestError(f"the model takes one request per call, got {len(requests)}")
-        ids, params = self._request(requests[0])
-        handle = self.loop.submit([(ids, params)])
-        tokenizer = self.llm.tokenizer
-        text = TextStream(tokenizer, ()) if tokenizer is not None else None
-        tokens: list[int] = []
-        done = False
-        try:
-            async for update in handle.updates():
-                tokens += update.token_ids
-                done = update.finish_reason is not None
-                piece = "" if text is None else text.last_piece(tokens, None) if done else text.piece(tokens)
-                yield [{"output_ids": np.array(update.token_ids, dtype=np.int64),
-                        "text_output": np.array([piece.encode()], dtype=np.object_)}]
-        finally:
-            if not done:
-                self.loop.abort(handle)
+        ids, params = parse_inputs(self.llm, requests[0].data, self.config.default_max_tokens)
+        async for outputs, _ in stream_outputs(self.loop, self.llm.tokenizer, ids, params):
+            yield [outputs]
+
+
+def parse_inputs(llm, inputs: dict[str, np.ndarray], default_max_tokens: int) -> tuple[list[int], SamplingParams]:
+    """One request's prompt ids and sampling parameters from its input tensors (the names of
+    the module docstring); RequestError naming what is unusable."""
+    def scalar(name: str, default):
+        value = inputs.get(name)
+        return default if value is None else value.reshape(-1)[0].item()
+
+    if inputs.get("input_ids") is not None:
+        ids = [int(t) for t in inputs["input_ids"].reshape(-1)]
+    elif inputs.get("text_input") is not None and llm.tokenizer is not None:
+        ids = list(llm.tokenizer.encode(inputs["text_input"].reshape(-1)[0].decode()))
+    else:
+        raise RequestError("give input_ids, or text_input (the model needs a tokenizer for text)")
+    params = SamplingParams(
+        max_new_tokens=int(scalar("max_tokens", default_max_tokens)), temperature=float(scalar("temperature", 0.0)),
+        top_p=float(scalar("top_p", 1.0)), top_k=int(scalar("top_k", 0)), seed=scalar("seed", None),
+        ignore_eos=bool(scalar("ignore_eos", False)))
+    params.validate()
+    llm.runtime.check_prompt(ids)
+    max_len = llm.runtime.config.max_seq_len
+    if len(ids) + params.max_new_tokens > max_len:
+        raise RequestError(f"prompt of {len(ids)} tokens plus max_tokens={params.max_new_tokens} exceeds "
+                           f"max_seq_len={max_len}; shorten the prompt or lower max_tokens")
+    return ids, params
+
+
+async def stream_outputs(loop: EngineLoop, tokenizer, ids: list[int],
+                         params: SamplingParams) -> AsyncIterator[tuple[dict[str, np.ndarray], bool]]:
+    """Run one request on `loop`: per engine step that made tokens, its output tensors and
+    whether it is the last. Closing the iterator early aborts the request."""
+    handle = loop.submit([(ids, params)])
+    text = TextStream(tokenizer, ()) if tokenizer is not None else None
+    tokens: list[int] = []
+    done = False
+    try:
+        async for update in handle.updates():
+            tokens += update.token_ids
+            done = update.finish_reason is not None
+            piece = "" if text is None else text.last_piece(tokens, None) if done else text.piece(tokens)
+            yield {"output_ids": np.array(update.token_ids, dtype=np.int64),
+                   "text_output": np.array([piece.encode()], dtype=np.object_)}, done
+    finally:
+        if not done:
+            loop.abort(handle)
