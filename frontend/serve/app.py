@@ -177,6 +177,9 @@ class OpenAIServer:
         except TrtllmError as exc:
             done = True
             yield _event(ApiError(400, str(exc)).body())
+        except Exception as exc:  # noqa: BLE001 -- the engine failed mid-stream: the client gets it as an event
+            done = True
+            yield _event(ApiError(500, f"the engine failed: {exc}").body())
         finally:
             if not done:
                 self.loop.abort(handle)
@@ -208,6 +211,10 @@ def build_app(llm, config: ServeConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(ApiError(500, f"internal error: {exc}").body(), status_code=500)
 
     @app.get("/health")
     async def health() -> Response:

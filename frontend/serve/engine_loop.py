@@ -11,6 +11,7 @@ on the command queue.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -22,6 +23,8 @@ from trtllm.runtime.llm_engine import LLMEngine
 from trtllm.runtime.sampling_params import GenerationOutput, SamplingParams
 
 from .metrics import ServerMetrics
+
+_log = logging.getLogger("trtllm.serve")
 
 
 class QueueFullError(TrtllmError):
@@ -40,7 +43,7 @@ class Update:
     text: str | None = None  # the whole text when a stop string cut it (it ends before the string)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class RequestHandle:
     """One submitted request as its handler sees it: updates arrive on `queue`."""
 
@@ -175,8 +178,9 @@ class EngineLoop:
         if notify:
             self._deliver(updates)
         self._release(len(mine))
-        if self.metrics is not None and mine:
-            self.metrics.on_finish(reason, time.perf_counter() - handle.created)
+        if self.metrics is not None:
+            for _ in mine:
+                self.metrics.on_finish(reason, time.perf_counter() - handle.created)
 
     def _release(self, count: int) -> None:
         with self._count_lock:
@@ -185,7 +189,8 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             finished = {out.request_id: out for out in self.runtime.step()}
-        except TrtllmError as exc:  # a request the engine cannot run: end every request with it, keep serving
+        except Exception as exc:  # noqa: BLE001 -- clients must not wait forever: each gets the error, serving goes on
+            _log.exception("engine step failed; ending the %d requests in it", len(self._tracked))
             for handle in {t.handle for t in self._tracked.values()}:
                 self._abort(handle, "abort", notify=False)
                 handle.loop.call_soon_threadsafe(handle.queue.put_nowait, exc)

@@ -109,3 +109,20 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
 def _wait_until_idle(runtime) -> None:
     """Every block free again, and no request left (read while the loop thread is idle)."""
     _wait_for(lambda: runtime.scheduler.num_free_blocks == runtime.pool.num_blocks and not runtime.has_unfinished())
+
+
+def test_an_engine_failure_fails_its_requests_and_serving_goes_on(tiny_llm, monkeypatch):
+    with ServerThread(fresh(tiny_llm), ServeConfig(port=0)) as running:
+        runtime = runtime_of(running)
+        step, failures = runtime.step, ["device lost"]
+
+        def fail_once():
+            if failures:
+                raise RuntimeError(failures.pop())
+            return step()
+
+        monkeypatch.setattr(runtime, "step", fail_once)
+        error = _error(_post(running, "/v1/completions", {"prompt": "hi", "max_tokens": 3}), 500)
+        assert "device lost" in error["message"] and error["type"] == "server_error"
+        assert _post(running, "/v1/completions", {"prompt": "hi", "max_tokens": 3}).status_code == 200
+        _wait_until_idle(runtime)
