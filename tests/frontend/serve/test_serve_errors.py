@@ -1,15 +1,17 @@
 """Bad requests over raw HTTP get OpenAI-style JSON errors with the right status, and clients
 that leave have their requests aborted and their KV blocks freed."""
 
+# ruff: noqa: F811 -- the fixtures imported from serve_helpers are the tests' arguments
 from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import httpx
 import pytest
-from conftest import API_KEY, fresh, runtime_of
+from serve_helpers import API_KEY, fresh, runtime_of, server, tiny_llm  # noqa: F401 (fixtures)
 
 from trtllm.frontend.serve.config import ServeConfig
 from trtllm.frontend.serve.server import ServerThread
@@ -69,26 +71,43 @@ def test_oversized_body_is_413(tiny_llm):
         _error(_post(running, "/v1/completions", {"prompt": "x" * 2000}), 413)
 
 
-def test_full_server_is_503_and_a_disconnect_frees_the_blocks(tiny_llm):
+def _slow_steps(monkeypatch, runtime, gate: threading.Event) -> None:
+    """Engine steps wait for `gate`, then take at least 50 ms each: a long request is still
+    running whenever the test acts, however fast the machine."""
+    step = runtime.step
+
+    def slow_step():
+        gate.wait(30)
+        time.sleep(0.05)
+        return step()
+
+    monkeypatch.setattr(runtime, "step", slow_step)
+
+
+def test_full_server_is_503_and_a_disconnect_frees_the_blocks(tiny_llm, monkeypatch):
     """With room for one request, a second is refused while the first streams; the first's
     client then leaves mid-stream, which aborts it and frees its blocks, and the server takes
     requests again."""
     with ServerThread(fresh(tiny_llm), ServeConfig(port=0, max_requests=1)) as running:
-        runtime = runtime_of(running)
+        runtime, gate = runtime_of(running), threading.Event()
+        _slow_steps(monkeypatch, runtime, gate)
         body = {"prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True, "temperature": 0}
         with httpx.stream("POST", f"{running.url}/v1/completions", json=body) as stream:
-            next(stream.iter_lines())  # its first event: it holds blocks now
-            assert runtime.scheduler.num_free_blocks < runtime.pool.num_blocks
             error = _error(_post(running, "/v1/completions", {"prompt": "hi"}), 503)
             assert error["type"] == "service_unavailable"
+            gate.set()
+            next(stream.iter_lines())  # its first event: it holds blocks now
+            assert runtime.scheduler.num_free_blocks < runtime.pool.num_blocks
         _wait_until_idle(runtime)
         assert 'finish_reason="abort"' in httpx.get(f"{running.url}/metrics").text
         assert _post(running, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
-def test_a_client_that_leaves_a_plain_request_aborts_it(tiny_llm):
+def test_a_client_that_leaves_a_plain_request_aborts_it(tiny_llm, monkeypatch):
     with ServerThread(fresh(tiny_llm), ServeConfig(port=0)) as running:
-        runtime = runtime_of(running)
+        runtime, gate = runtime_of(running), threading.Event()
+        _slow_steps(monkeypatch, runtime, gate)
+        gate.set()
         host, port = running.url.removeprefix("http://").split(":")
         body = json.dumps({"prompt": "hello", "max_tokens": 240, "ignore_eos": True, "temperature": 0}).encode()
         with socket.create_connection((host, int(port))) as sock:

@@ -3,6 +3,7 @@ sampling with seeds) get exactly the tokens offline `generate` gives, while 20 m
 leave midway; afterwards no KV block is held. It stops by itself (each request has at most
 24 tokens, and the whole test a deadline)."""
 
+# ruff: noqa: F811 -- the fixtures imported from serve_helpers are the tests' arguments
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ import time
 
 import httpx
 import openai
-from conftest import fresh, runtime_of
+from serve_helpers import fresh, offline, runtime_of, tiny_llm  # noqa: F401 (fixtures)
 
 import trtllm
 from trtllm.frontend.serve.config import ServeConfig

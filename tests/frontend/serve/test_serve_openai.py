@@ -1,6 +1,7 @@
 """The server driven the way users drive it: the `openai` client over real HTTP on loopback,
 each answer checked against offline `generate` of the same model (exact tokens, fp32 on CPU)."""
 
+# ruff: noqa: F811 -- the fixtures imported from serve_helpers are the tests' arguments
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import math
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, fresh, runtime_of
+from serve_helpers import API_KEY, fresh, offline, runtime_of, server, tiny_llm  # noqa: F401 (fixtures)
 
 import trtllm
 from trtllm.frontend.serve.config import ServeConfig

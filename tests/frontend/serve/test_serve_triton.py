@@ -2,6 +2,7 @@
 concurrent streaming requests through `tritonclient`'s gRPC stream get offline `generate`'s
 exact tokens, text goes in and out with PyTriton's client, and bad requests fail clearly."""
 
+# ruff: noqa: F811 -- the fixtures imported from serve_helpers are the tests' arguments
 from __future__ import annotations
 
 import queue
@@ -9,7 +10,7 @@ import socket
 
 import numpy as np
 import pytest
-from conftest import fresh
+from serve_helpers import fresh, offline, tiny_llm  # noqa: F401 (fixtures)
 
 import trtllm
 
