@@ -40,8 +40,8 @@ setup(
         # Tests on CPU run the kernels in Triton's interpreter, which needs 3.8 with numpy 2.4.
         "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib",
                  *SERVE, *TRITON_SERVER, "openai>=1.40", "httpx>=0.27"],
-        # `trtllm bench --plot` and `benchmarks/kernel_bench.py --plot`
-        "bench": ["matplotlib"],
+        # `trtllm bench --plot`, `benchmarks/kernel_bench.py --plot`, `benchmarks/serve_bench.py`
+        "bench": ["matplotlib", *SERVE, "httpx>=0.27"],
         # `trtllm serve`: the OpenAI-compatible HTTP server
         "serve": SERVE,
         # `trtllm.frontend.serve.triton`: Triton Inference Server through PyTriton (it bundles
