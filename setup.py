@@ -9,6 +9,7 @@ PACKAGE_DIRS = {
     "trtllm": "trtllm",
     "trtllm.frontend": "frontend",
     "trtllm.frontend.tracer": "frontend/tracer",
+    "trtllm.frontend.serve": "frontend/serve",
     "trtllm.fusion": "fusion",
     "trtllm.lowering": "lowering",
     "trtllm.kernels": "kernels",
@@ -19,6 +20,9 @@ PACKAGE_DIRS = {
 # torch.onnx's exporter needs onnxscript; onnx-graphsurgeon writes the plugin nodes; onnxruntime
 # runs the standard-ops file.
 ONNX = ["onnx>=1.16", "onnxscript>=0.5", "onnx-graphsurgeon>=0.5", "onnxruntime>=1.18"]
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"]
+_X86_LINUX = "sys_platform == 'linux' and platform_machine == 'x86_64'"
+TRITON_SERVER = [f"nvidia-pytriton>=0.5; {_X86_LINUX}", f"tritonclient[grpc]>=2.50; {_X86_LINUX}"]
 
 setup(
     name="trtllm",
@@ -41,11 +45,16 @@ setup(
         # Tests on CPU run the kernels in Triton's interpreter, which needs 3.8 with numpy 2.4.
         # accelerate: transformers loads FP8 checkpoints through it (tests/frontend/test_fp8_checkpoint.py)
         "test": ["pytest>=8", "pytest-timeout", "triton==3.8.0; sys_platform == 'linux'", "matplotlib", "accelerate",
-                 *ONNX],
-        # `trtllm bench --plot` and `benchmarks/kernel_bench.py --plot`
-        "bench": ["matplotlib"],
+                 *ONNX, *SERVE, *TRITON_SERVER, "openai>=1.40", "httpx>=0.27"],
+        # `trtllm bench --plot`, `benchmarks/kernel_bench.py --plot`, `benchmarks/serve_bench.py`
+        "bench": ["matplotlib", *SERVE, "httpx>=0.27"],
         # trtllm.export_onnx (and the tensorrt backend, whose TensorRT itself is installed apart)
         "onnx": ONNX,
+        # `trtllm serve`: the OpenAI-compatible HTTP server
+        "serve": SERVE,
+        # `trtllm.frontend.serve.triton`: Triton Inference Server through PyTriton (it bundles
+        # tritonserver, x86-64 Linux only, and needs numpy < 2)
+        "tritonserver": [*SERVE, *TRITON_SERVER],
     },
     entry_points={
         "console_scripts": ["trtllm=trtllm.frontend.cli:main"],

@@ -1,10 +1,11 @@
 """The `trtllm` command: `run` (compile and generate next to eager transformers), `build`
-(compile and save an engine) and `bench` (speed against transformers and the roofline).
-`serve` arrives with its issue."""
+(compile and save an engine), `bench` (speed against transformers and the roofline) and
+`serve` (an OpenAI-compatible HTTP server)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -131,8 +132,14 @@ def cmd_build(args) -> int:
 
     dtype = args.dtype or _default_dtype(args.device)
     model = _load_model(args.model, BuildConfig(dtype=dtype, device=args.device).torch_dtype())
+    tokenizer = None
+    if args.model == "tiny":  # saved with the engine, so `trtllm serve --engine DIR` has it
+        from .tiny_tokenizer import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
     llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=args.max_batch_size,
-                         max_seq_len=args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype, backend=args.backend)
+                         max_seq_len=args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype, backend=args.backend,
+                         tokenizer=tokenizer)
     llm.save(args.output)
     print(f"built {args.model} ({dtype}) in {llm.compile_seconds:.2f} s; engine saved to {args.output}")
     return 0
@@ -202,6 +209,40 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .serve.config import ServeConfig
+        from .serve.server import load_for_serving, serve
+    except ImportError as exc:
+        raise TrtllmError(f"trtllm serve needs the serve extra: pip install 'trtllm[serve]' ({exc})") from None
+
+    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, max_requests=args.max_requests)
+    config.validate()
+    options = dict(dtype=args.dtype or _default_dtype(args.device), device=args.device,
+                   max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+    llm, name = load_for_serving(args.model, args.engine, **options)
+    serve(llm, dataclasses.replace(config, model_name=args.served_model_name or name))
+    return 0
+
+
+def _add_serve(commands) -> None:
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, "
+                                "/v1/chat/completions, /v1/models, /health, /metrics)")
+    serve.add_argument("--model", default="tiny", help="a local Hugging Face folder (model and tokenizer), or "
+                       "'tiny' (built in, with its own tokenizer)")
+    serve.add_argument("--engine", help="serve a saved engine folder (with its tokenizer) instead of compiling")
+    serve.add_argument("--served-model-name", help="the model name clients send (default: the folder's name, or 'tiny')")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    serve.add_argument("--max-batch-size", type=int, default=64, help="sequences in one step")
+    serve.add_argument("--max-seq-len", type=int, default=None)
+    serve.add_argument("--max-requests", type=int, default=1024, help="requests held at once; beyond, 503")
+    serve.add_argument("--dtype", choices=ALL_DTYPES)
+    serve.add_argument("--device", help="default: cuda if available, else cpu")
+    serve.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trtllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", help="write a PNG plot here")
     bench.add_argument("--replot", help="only redraw the plot of a JSON file written by --out")
     bench.set_defaults(func=cmd_bench)
+    _add_serve(commands)
     dtypes = ("fp32, fp16, bf16, or weights quantized to fp8, int8 or int4 (computing in bf16 on a GPU, fp32 on "
               "CPU); default: bf16 on a GPU, fp32 on CPU")
     for sub in (run, build):

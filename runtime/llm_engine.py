@@ -48,7 +48,7 @@ class RuntimeConfig:
         return self.max_batch_size * math.ceil(self.max_seq_len / self.block_size)
 
 
-def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
+def sample_params(params: SamplingParams, index: int) -> SamplingParams:
     """Sample `index` of a request for n samples: one sample, its seed (if any) offset by index
     so that the samples differ and each reproduces."""
     seed = None if params.seed is None else params.seed + index
@@ -370,7 +370,7 @@ class LLMEngine:
             if p.num_beams > 1:
                 ids.append((self.add_request(prompt, p), 0))
             else:
-                ids += [(self.add_request(prompt, _sample_params(p, j)), j) for j in range(p.n)]
+                ids += [(self.add_request(prompt, sample_params(p, j)), j) for j in range(p.n)]
         try:
             while not all(i in self._outputs for i, _ in ids):
                 self._step_and_keep()
@@ -449,6 +449,18 @@ class LLMEngine:
         async with self._step_gate:
             if self._steps_done == seen:
                 await asyncio.to_thread(self._step_and_keep)
+
+    def progress(self, request_id: str) -> GenerationOutput | None:
+        """What an unfinished request has made so far (tokens, and logprobs when asked; a beam
+        search: nothing until it is done), or None if no such unfinished request."""
+        with self._lock:
+            state = self._requests.get(request_id)
+            if state is None:
+                return None
+            logprobs, top = state.logprobs, state.top_logprobs
+            return GenerationOutput(request_id, list(state.row.prompt_token_ids), list(state.row.output_token_ids),
+                                    logprobs=None if logprobs is None else list(logprobs),
+                                    top_logprobs=None if top is None else list(top))
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
