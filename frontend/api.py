@@ -15,11 +15,13 @@ from trtllm.fusion import Pattern, format_report, pipeline, run_passes
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
 from trtllm.lowering.fold import fold_weights
+from trtllm.lowering.shard_weights import take_weight_shards
 from trtllm.runtime.kv_cache import KVCachePool
 from trtllm.runtime.llm_engine import LLMEngine, RuntimeConfig
 from trtllm.runtime.model_runner import measure_activation_peak
 from trtllm.runtime.sampling_params import SamplingParams
 
+from . import parallel
 from .config import BuildConfig
 from .tracer import trace
 
@@ -36,6 +38,7 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
             raise ConfigError(f"patterns must hold trtllm.fusion.Pattern objects, got {type(pattern).__name__}")
     config = BuildConfig(**options)
     config.validate()
+    config, ranks = parallel.setup(config)  # tensor parallel: the process group, this rank's device
     stages: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -46,14 +49,16 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
 
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
     done("trace")
-    reports = run_passes(traced.graph_module, pipeline(patterns, quantization=config.quantization()))
+    passes = pipeline(patterns, quantization=config.quantization(), tensor_parallel=(ranks.rank, ranks.world_size))
+    reports = run_passes(traced.graph_module, passes)
     done("fusion")
-    weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
+    weights = take_weight_shards(traced.graph_module, traced.weights)  # this rank's shards, on the host
+    weights = prepare_weights(traced.graph_module, weights, config.torch_device())
     weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them
     done("weights")
-    engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
+    engine = Engine(traced.graph_module.graph, weights, parallel.rank_spec(traced.spec, ranks), target=config.backend)
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
-    compiled = CompiledModel(engine, config, tokenizer=tokenizer)
+    compiled = CompiledModel(engine, config, tokenizer=tokenizer, seed=parallel.shared_seed(ranks))
     done("runtime")  # sizing the KV cache, capturing CUDA graphs
     compiled.compile_seconds = sum(stages.values())
     compiled.compile_stages = stages
@@ -78,7 +83,8 @@ def load(path: str | Path, *, tokenizer=None, device: str | None = None, **runti
 class CompiledModel:
     """An engine plus its runtime: call it for logits, or `generate` tokens."""
 
-    def __init__(self, engine: Engine, config: BuildConfig, tokenizer=None):
+    def __init__(self, engine: Engine, config: BuildConfig, tokenizer=None, seed: int | None = None):
+        """seed: of the generator unseeded sampled requests draw from (None: torch's global one)."""
         self.engine = engine
         self.config = config
         self.tokenizer = tokenizer
@@ -86,7 +92,7 @@ class CompiledModel:
         self.compile_stages: dict[str, float] = {}  # seconds per stage of `compile`
         self.pass_reports: list = []
         detokenize = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-        self.runtime = LLMEngine(engine, _runtime_config(engine, config), detokenize)
+        self.runtime = LLMEngine(engine, dataclasses.replace(_runtime_config(engine, config), seed=seed), detokenize)
 
     def report(self) -> str:
         """Each fusion pass of the compile and how many rewrites it made, then which

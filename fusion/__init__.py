@@ -3,10 +3,11 @@
 Each pass is `GraphModule -> int` (rewrites made, the graph changed in place) in its own file.
 `pipeline(patterns)` is the list a compile runs:
 
-    canonicalize  ->  user patterns  ->  fuse  ->  [quantize]  ->  gather_logits  ->  insert_kv_cache
-                  ->  [decode_gemv]
+    canonicalize  ->  user patterns  ->  fuse  ->  [quantize]  ->  [shard]  ->  gather_logits
+                  ->  insert_kv_cache  ->  [decode_gemv]
 
-quantize runs only for a quantized dtype ("fp8", "int8", "int4"); decode_gemv only on request,
+quantize runs only for a quantized dtype ("fp8", "int8", "int4"); shard only for tensor
+parallelism (one rank's share of the graph); decode_gemv only on request,
 `TRTLLM_DECODE_FUSION=1` (norms) or `=all` (gated activations too).
 
 `TRTLLM_DUMP_DIR=dir` writes the graph after every pass (`NN_<pass>.txt`).
@@ -37,6 +38,7 @@ from .norms import canonicalize_layernorm, canonicalize_rmsnorm
 from .pattern import Match, Pattern
 from .quantize import quantize_linears
 from .rope import canonicalize_rope
+from .shard import shard_tensor_parallel
 
 __all__ = ["Match", "Pattern", "PassReport", "pipeline", "register", "registered", "run_passes", "unregister"]
 
@@ -108,10 +110,21 @@ def pattern_passes(patterns: Iterable[Pattern]) -> list[tuple[str, Pass]]:
     return [(f"pattern:{p.name}", p.apply) for p in chosen]
 
 
-def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None) -> list[tuple[str, Pass]]:
-    """The passes a compile runs, in order; `quantization`: a key of QUANTIZE, or None."""
+def shard_passes(rank: int, world_size: int) -> tuple[tuple[str, Pass], ...]:
+    """Tensor parallelism: rank `rank`'s share of the graph (column- and row-parallel GEMMs,
+    all_reduce after the row-parallel ones, the LM head's vocabulary split and all-gathered)."""
+    if world_size == 1:
+        return ()
+    return ((f"shard_tp{world_size}", functools.partial(shard_tensor_parallel, rank=rank, world_size=world_size)),)
+
+
+def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None,
+             tensor_parallel: tuple[int, int] = (0, 1)) -> list[tuple[str, Pass]]:
+    """The passes a compile runs, in order; `quantization`: a key of QUANTIZE, or None;
+    `tensor_parallel`: (rank, world size)."""
     quantize = () if quantization is None else QUANTIZE[quantization]
-    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *STEP, *DECODE[envs.decode_fusion()]]
+    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *shard_passes(*tensor_parallel), *STEP,
+            *DECODE[envs.decode_fusion()]]
 
 
 @dataclass(frozen=True)
