@@ -15,9 +15,10 @@ lowering takes on the host (`lowering/shard_weights.py`) so that a rank's device
 its shard. A row-parallel bias is added once, after the reduction.
 
 Column-parallel GEMMs are found from what needs their output split: attention (its q, k, v,
-through views, permutes, rope and split), gated activations (`silu_mul`, `gelu_mul`) and
-activations (a `gemm_act`'s own, or relu / gelu / silu); the GEMM that reads the split value
-(through views and permutes) is row-parallel. Views whose static sizes no longer fit are
+through views, permutes, rope and split) and gated activations (`silu_mul`, `gelu_mul`); the
+GEMMs that read the split value (through views, permutes and elementwise ops) are
+row-parallel. Then any other GEMM whose output reaches only GEMMs through such ops (a plain
+MLP, its activation in `gemm_act` or written out like GPT-2's GELU) makes a pair too. Views whose static sizes no longer fit are
 rescaled. Quantized GEMMs (`wo_gemm`, `fp8_gemm`) shard the float weight their
 `quantize_weight` reads; a row-parallel one's per-channel (fp8, int8) or per-group (int4)
 group size follows K / n.
@@ -50,7 +51,12 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _CARRY = {*_VIEWS, aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim,
           aten.clone.default, aten._to_copy.default, operator.getitem}
 _SPLITS = {aten.split_with_sizes.default, aten.split.Tensor}
-_ACTIVATIONS = {aten.gelu.default, aten.relu.default, aten.silu.default}
+# Elementwise ops: a split value stays split through them where all their tensor inputs are.
+_ELEMENTWISE = {
+    aten.gelu.default, aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+    aten.erf.default, aten.neg.default, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor,
+    aten.mul.Scalar, aten.add.Scalar, aten.pow.Tensor_Scalar,
+}
 _GATED = {trtllm.silu_mul.default, trtllm.gelu_mul.default}
 
 
@@ -126,43 +132,59 @@ def _heads_dim_kept(norm: Node) -> bool:
     return norm.args[0].meta["val"].dim() >= 4
 
 
-def _sinks(node: Node) -> set[Node]:
-    """The GEMMs that read `node`'s split value (walking forward through carrying ops)."""
-    found: set[Node] = set()
-    for user in node.users:
-        gemm = _as_gemm(user)
-        if gemm is not None and _input(gemm) is node:
-            found.add(user)
-        elif user.target in _CARRY:
-            found |= _sinks(user)
+def _region_sinks(start: Node) -> set[Node] | None:
+    """The GEMMs that read `start`'s split value, through ops that carry it and elementwise
+    ops whose tensor inputs all carry it; None where it reaches anything else."""
+    region, sinks, pending = {start}, set(), set(start.users)
+    node = start
+    while pending:
+        node = node.next  # (graph order: a node's inputs are classified before it)
+        if node not in pending:
+            continue
+        pending.discard(node)
+        gemm = _as_gemm(node)
+        if gemm is not None and _input(gemm) in region and not (set(node.all_input_nodes) - {_input(gemm)}) & region:
+            sinks.add(node)
+        elif (node.target in _CARRY or node.target in _ELEMENTWISE) and all(a in region for a in _tensor_inputs(node)):
+            region.add(node)
+            pending |= set(node.users)
         else:
-            raise UnsupportedModelError(
-                f"tensor parallel: the split value {node.name} reaches {user.name} ({user.format_node()}), "
-                "which needs it whole; this model's layers do not shard yet"
-            )
-    return found
+            return None
+    return sinks
+
+
+def _sinks(node: Node) -> set[Node]:
+    """`_region_sinks`, which must exist: attention's and gated activations' values must split."""
+    sinks = _region_sinks(node)
+    if sinks is None:
+        raise UnsupportedModelError(
+            f"tensor parallel: the split value of {node.name} ({node.format_node()}) reaches an op that needs "
+            "it whole; this model's layers do not shard yet"
+        )
+    return sinks
 
 
 def _blocks(gm: GraphModule, lm_head: Node) -> tuple[set[Node], set[Node]]:
-    """(column-parallel GEMMs, row-parallel GEMMs)."""
+    """(column-parallel GEMMs, row-parallel GEMMs): those around attention and gated
+    activations, which must split; then any GEMM whose output reaches only GEMMs through
+    elementwise ops (a plain MLP), where it can."""
     columns: set[Node] = set()
     rows: set[Node] = set()
-    for node in list(gm.graph.nodes):
-        if node is lm_head or node.op != "call_function":
-            continue
-        gemm = _as_gemm(node)
+    for node in gm.graph.nodes:
         if node.target is trtllm.attention.default:
-            starts = set().union(*(_sources(a, node) for a in node.args[:3]))
-        elif node.target in _GATED or node.target in _ACTIVATIONS:
-            starts = _sources(node.args[0], node)
-        elif gemm is not None and gemm.act != "none" and node not in rows:
-            starts = {node}
+            columns |= set().union(*(_sources(a, node) for a in node.args[:3]))
+        elif node.target in _GATED:
+            columns |= _sources(node.args[0], node)
         else:
             continue
-        if node.target in _ACTIVATIONS and not any(_as_gemm(s).act == "none" for s in starts):
-            continue
-        columns |= starts
         rows |= _sinks(node)
+    for node in gm.graph.nodes:
+        if _as_gemm(node) is None or node is lm_head or node in columns or node in rows:
+            continue
+        sinks = _region_sinks(node)
+        if sinks and not sinks & (columns | {lm_head}):
+            columns.add(node)
+            rows |= sinks
     both = columns & rows
     if both:
         raise UnsupportedModelError(f"tensor parallel: {sorted(n.name for n in both)} would be split both ways")
