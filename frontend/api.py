@@ -161,6 +161,9 @@ class CompiledModel:
 
     def save(self, path: str | Path) -> None:
         """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer."""
+        if self.config.tensor_parallel > 1:
+            raise ConfigError("saving a tensor-parallel engine (one shard per rank) is not supported yet; "
+                              "compile it in each rank instead")
         path = Path(path)
         self.engine.save(path)
         (path / "trtllm.json").write_text(json.dumps({"build_config": dataclasses.asdict(self.config)}, indent=1))

@@ -38,7 +38,7 @@ from .norms import canonicalize_layernorm, canonicalize_rmsnorm
 from .pattern import Match, Pattern
 from .quantize import quantize_linears
 from .rope import canonicalize_rope
-from .shard import shard_tensor_parallel
+from .shard import gather_vocabulary, shard_tensor_parallel
 
 __all__ = ["Match", "Pattern", "PassReport", "pipeline", "register", "registered", "run_passes", "unregister"]
 
@@ -110,21 +110,25 @@ def pattern_passes(patterns: Iterable[Pattern]) -> list[tuple[str, Pass]]:
     return [(f"pattern:{p.name}", p.apply) for p in chosen]
 
 
-def shard_passes(rank: int, world_size: int) -> tuple[tuple[str, Pass], ...]:
-    """Tensor parallelism: rank `rank`'s share of the graph (column- and row-parallel GEMMs,
-    all_reduce after the row-parallel ones, the LM head's vocabulary split and all-gathered)."""
-    if world_size == 1:
-        return ()
-    return ((f"shard_tp{world_size}", functools.partial(shard_tensor_parallel, rank=rank, world_size=world_size)),)
-
-
 def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None,
              tensor_parallel: tuple[int, int] = (0, 1)) -> list[tuple[str, Pass]]:
     """The passes a compile runs, in order; `quantization`: a key of QUANTIZE, or None;
     `tensor_parallel`: (rank, world size)."""
     quantize = () if quantization is None else QUANTIZE[quantization]
-    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *shard_passes(*tensor_parallel), *STEP,
-            *DECODE[envs.decode_fusion()]]
+    step = STEP if tensor_parallel[1] == 1 else shard_step(*tensor_parallel)
+    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *step, *DECODE[envs.decode_fusion()]]
+
+
+def shard_step(rank: int, world_size: int) -> tuple[tuple[str, Pass], ...]:
+    """STEP for rank `rank` of a tensor-parallel `world_size`: first its share of the graph
+    (column- and row-parallel GEMMs, all_reduce after the row-parallel ones, its share of the
+    LM head's vocabulary), then, after gather_logits, the vocabulary all-gathered."""
+    return (
+        ("shard", functools.partial(shard_tensor_parallel, rank=rank, world_size=world_size)),
+        STEP[0],  # gather_logits
+        ("gather_vocabulary", functools.partial(gather_vocabulary, world_size=world_size)),
+        *STEP[1:],
+    )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-import trtllm.kernels.distributed  # noqa: F401  (registers trtllm::all_gather, read below)
 from trtllm.kernels.errors import LoweringError
 
 from .graph import add_input, call, fake_mode, new_size
@@ -26,7 +25,6 @@ ROW_WISE = {
     aten._to_copy.default, aten.clone.default, aten.tanh.default, aten.neg.default,
     aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.mul.Scalar,
     aten.div.Scalar, aten.add.Scalar,
-    torch.ops.trtllm.all_gather.default,  # tensor parallel: each row's vocabulary shards, joined
 }
 
 

@@ -7,7 +7,9 @@ Before (one layer):                              After (rank r of n):
     o = linear(a, Wo, bo)                            o = add(all_reduce(linear(a, Wo[:, r])), bo)
     h = silu_mul(linear(y, cat([Wg, Wu])))           h = silu_mul(linear(y, cat([Wg[r], Wu[r]])))
     d = linear(h, Wd)                                d = all_reduce(linear(h, Wd[:, r]))
-    logits = linear(z, W_lm)                         logits = all_gather(linear(z, W_lm[r]), n)
+    logits = linear(z, W_lm)                         logits = linear(z, W_lm[r])   # V/n of the vocabulary
+                                                     ...gather_logits...
+                                                     logits = all_gather(logits, n)  # gather_vocabulary
 
 W[r] is rank r's share of W's output rows, taken from each part separately (Q, K and V; gate
 and up), W[:, r] its share of the input columns; each is a slice node on the weight, which
@@ -381,12 +383,17 @@ def shard_tensor_parallel(gm: GraphModule, rank: int, world_size: int) -> int:
         raise ConfigError(f"tensor_parallel={n}: the vocabulary of {vocab} tokens does not split evenly over "
                           f"{n} ranks; use a tensor_parallel that divides {vocab}")
     sharder.column(_as_gemm(lm_head), [vocab])
-    output = next(x for x in gm.graph.nodes if x.op == "output")
-    logits = output.args[0][0]
-    with gm.graph.inserting_before(output):
-        gathered = gm.graph.call_function(trtllm.all_gather.default, (logits, n))
-    output.args = ((gathered, *output.args[0][1:]),)
-    sharder.touched.add(gathered)
     _refresh(gm, sharder.touched, n)
     gm.graph.eliminate_dead_code()
     return len(columns) + len(rows) + 1
+
+
+def gather_vocabulary(gm: GraphModule, world_size: int) -> int:
+    """After `gather_logits` (which follows the LM head through row-wise ops to the output):
+    every rank's shard of the vocabulary, joined, so that every rank holds all the logits."""
+    output = next(x for x in gm.graph.nodes if x.op == "output")
+    logits = output.args[0][0]
+    with gm.graph.inserting_before(output):
+        gathered = call(gm, trtllm.all_gather.default, logits, world_size)  # [1, N, V]
+    output.args = ((gathered, *output.args[0][1:]),)
+    return 1

@@ -113,3 +113,11 @@ def test_tensor_parallel_without_a_launcher_or_with_another_world_size_is_refuse
             trtllm.compile(model, dtype="fp32", tensor_parallel=2)
     finally:
         dist.destroy_process_group()
+
+
+
+def test_trtllm_run_with_tp(ranks):
+    """`trtllm run --tp 2` in each rank (tp_worker runs the CLI's main last): rank 0 alone prints."""
+    assert ranks[0]["cli"]["status"] == ranks[1]["cli"]["status"] == 0
+    assert "tensor parallel 2" in ranks[0]["cli"]["stdout"] and "tok/s" in ranks[0]["cli"]["stdout"]
+    assert ranks[1]["cli"]["stdout"] == ""

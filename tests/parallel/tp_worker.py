@@ -3,11 +3,14 @@
     python -m torch.distributed.run --nproc-per-node 2 tests/parallel/tp_worker.py OUT_DIR
 
 Each rank compiles the test models with tensor_parallel=2 (compile starts the gloo process
-group from torchrun's environment), generates, and writes what it got to OUT_DIR/rank<r>.json.
+group from torchrun's environment), generates, runs `trtllm run --tp 2` last, and writes what it
+got to OUT_DIR/rank<r>.json.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -68,11 +71,21 @@ def run_case(model, options: dict) -> dict:
     }
 
 
+def run_cli() -> dict:
+    """`trtllm run --tp 2` as torchrun would start it (its main ends the process group)."""
+    from trtllm.frontend import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli.main(["run", "--tp", "2", "--device", "cpu", "--batch-size", "2", "--max-new-tokens", "4"])
+    return {"status": status, "stdout": out.getvalue()}
+
+
 def main(out_dir: str, names: list[str]) -> None:
     results = {name: run_case(CASES[name][0](), CASES[name][1]) for name in names}
     rank = torch.distributed.get_rank()
+    results["cli"] = run_cli()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
