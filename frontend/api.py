@@ -49,14 +49,17 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
 
     traced = trace(model, dtype=config.torch_dtype(), device=config.torch_device())
     done("trace")
-    passes = pipeline(patterns, quantization=config.quantization(), tensor_parallel=(ranks.rank, ranks.world_size))
+    passes = pipeline(patterns, quantization=config.quantization(), tensor_parallel=ranks.tensor(),
+                      pipeline_parallel=ranks.stages())
     reports = run_passes(traced.graph_module, passes)
     done("fusion")
     weights = take_weight_shards(traced.graph_module, traced.weights)  # this rank's shards, on the host
     weights = prepare_weights(traced.graph_module, weights, config.torch_device())
     weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them
     done("weights")
-    engine = Engine(traced.graph_module.graph, weights, parallel.rank_spec(traced.spec, ranks), target=config.backend)
+    num_layers = sum(n.op == "placeholder" and n.target.startswith("kv_cache_") for n in traced.graph_module.graph.nodes)
+    spec = parallel.rank_spec(traced.spec, ranks, num_layers)
+    engine = Engine(traced.graph_module.graph, weights, spec, target=config.backend)
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
     compiled = CompiledModel(engine, config, tokenizer=tokenizer, seed=parallel.shared_seed(ranks))
     done("runtime")  # sizing the KV cache, capturing CUDA graphs
@@ -161,8 +164,8 @@ class CompiledModel:
 
     def save(self, path: str | Path) -> None:
         """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer."""
-        if self.config.tensor_parallel > 1:
-            raise ConfigError("saving a tensor-parallel engine (one shard per rank) is not supported yet; "
+        if self.config.tensor_parallel > 1 or self.config.pipeline_parallel > 1:
+            raise ConfigError("saving a tensor- or pipeline-parallel engine (one part per rank) is not supported yet; "
                               "compile it in each rank instead")
         path = Path(path)
         self.engine.save(path)

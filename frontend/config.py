@@ -31,6 +31,7 @@ class BuildConfig:
     kv_cache_memory: int | float | None = None  # bytes, or a fraction of the GPU memory left after weights and the measured activation peak (None: enough for max_batch_size full sequences, within 90% of it)
     block_size: int = 32  # tokens per KV-cache block
     tensor_parallel: int = 1  # processes (GPUs) per model, one rank each (launched by torchrun; frontend/parallel.py)
+    pipeline_parallel: int = 1  # pipeline stages, one process each, layers split between them (not with tensor_parallel yet)
     backend: str = "native"  # "native" (our kernels and torch) or "tensorrt"
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs captured at compile time (GPU only)
     decode_steps: int = 8  # decode steps run back to back on the device between host syncs (1: every token)
@@ -67,7 +68,8 @@ class BuildConfig:
             raise ConfigError(f"unknown backend {self.backend!r}; use one of {BACKENDS}")
         if self.backend == "tensorrt":
             raise ConfigError("backend='tensorrt' is not built yet; use backend='native'")
-        for name in ("max_batch_size", "max_num_tokens", "block_size", "decode_steps", "tensor_parallel"):
+        for name in ("max_batch_size", "max_num_tokens", "block_size", "decode_steps", "tensor_parallel",
+                     "pipeline_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_seq_len is not None and self.max_seq_len < 2:

@@ -7,7 +7,8 @@ Each pass is `GraphModule -> int` (rewrites made, the graph changed in place) in
                   ->  insert_kv_cache  ->  [decode_gemv]
 
 quantize runs only for a quantized dtype ("fp8", "int8", "int4"); shard only for tensor
-parallelism (one rank's share of the graph); decode_gemv only on request,
+parallelism (one rank's share of the graph); split_pipeline, after insert_kv_cache, only for
+pipeline parallelism (one stage's layers); decode_gemv only on request,
 `TRTLLM_DECODE_FUSION=1` (norms) or `=all` (gated activations too).
 
 `TRTLLM_DUMP_DIR=dir` writes the graph after every pass (`NN_<pass>.txt`).
@@ -36,6 +37,7 @@ from .kv_cache import insert_kv_cache
 from .merge_gemms import merge_parallel_gemms
 from .norms import canonicalize_layernorm, canonicalize_rmsnorm
 from .pattern import Match, Pattern
+from .pipeline_split import split_pipeline
 from .quantize import quantize_linears
 from .rope import canonicalize_rope
 from .shard import gather_vocabulary, shard_tensor_parallel
@@ -111,12 +113,16 @@ def pattern_passes(patterns: Iterable[Pattern]) -> list[tuple[str, Pass]]:
 
 
 def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None,
-             tensor_parallel: tuple[int, int] = (0, 1)) -> list[tuple[str, Pass]]:
+             tensor_parallel: tuple[int, int] = (0, 1),
+             pipeline_parallel: tuple[int, int] = (0, 1)) -> list[tuple[str, Pass]]:
     """The passes a compile runs, in order; `quantization`: a key of QUANTIZE, or None;
-    `tensor_parallel`: (rank, world size)."""
+    `tensor_parallel`: (rank, world size); `pipeline_parallel`: (stage, stages)."""
     quantize = () if quantization is None else QUANTIZE[quantization]
     step = STEP if tensor_parallel[1] == 1 else shard_step(*tensor_parallel)
-    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *step, *DECODE[envs.decode_fusion()]]
+    stage, num_stages = pipeline_parallel
+    split = () if num_stages == 1 else (
+        ("split_pipeline", functools.partial(split_pipeline, stage=stage, num_stages=num_stages)),)
+    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *step, *split, *DECODE[envs.decode_fusion()]]
 
 
 def shard_step(rank: int, world_size: int) -> tuple[tuple[str, Pass], ...]:

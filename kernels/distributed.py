@@ -70,3 +70,53 @@ def _all_gather_fake(x, world_size):
 def all_gather(x: Tensor, world_size: int) -> Tensor:
     """out[..., r * N:(r + 1) * N] = x on rank r; x: [..., N] -> [..., world_size * N]."""
     return torch.ops.trtllm.all_gather(x, world_size)
+
+
+# ---------------------------------------------------------------- pipeline parallel: send, recv, broadcast
+
+
+def pipeline_send_ref(xs: list[Tensor], dst: int) -> Tensor:
+    """`trtllm::pipeline_send`: send each of xs to rank dst, in order. Returns an empty tensor
+    that a later op takes as `after`, so that the send stays in the graph and in order."""
+    for x in xs:
+        dist.send(x.contiguous(), dst)
+    return xs[0].new_empty((0,))
+
+
+_pipeline_send_op = torch.library.custom_op("trtllm::pipeline_send", pipeline_send_ref, mutates_args=())
+
+
+@_pipeline_send_op.register_fake
+def _pipeline_send_fake(xs, dst):
+    return xs[0].new_empty((0,))
+
+
+def pipeline_recv_ref(like: Tensor, shape: list[int], dtype: torch.dtype, src: int) -> Tensor:
+    """`trtllm::pipeline_recv`: a tensor of `shape` and `dtype` on like's device, received from rank src."""
+    out = torch.empty(shape, dtype=dtype, device=like.device)
+    dist.recv(out, src)
+    return out
+
+
+_pipeline_recv_op = torch.library.custom_op("trtllm::pipeline_recv", pipeline_recv_ref, mutates_args=())
+
+
+@_pipeline_recv_op.register_fake
+def _pipeline_recv_fake(like, shape, dtype, src):
+    return like.new_empty(shape, dtype=dtype)
+
+
+def pipeline_broadcast_ref(x: Tensor, src: int, after: list[Tensor]) -> Tensor:
+    """`trtllm::pipeline_broadcast`: rank src's x on every rank (x: the value on src, a buffer
+    of its shape elsewhere); `after`: what must run first (pipeline_send's result)."""
+    out = x.clone()
+    dist.broadcast(out, src)
+    return out
+
+
+_pipeline_broadcast_op = torch.library.custom_op("trtllm::pipeline_broadcast", pipeline_broadcast_ref, mutates_args=())
+
+
+@_pipeline_broadcast_op.register_fake
+def _pipeline_broadcast_fake(x, src, after):
+    return torch.empty_like(x)

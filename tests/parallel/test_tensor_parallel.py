@@ -1,7 +1,7 @@
-"""Tensor parallel 2 on CPU: two processes launched by torchrun, gloo between them, each
-compiling the tiny models with tensor_parallel=2 (tests/parallel/tp_worker.py). Their greedy
-tokens must be exactly those of transformers and of the single-process engine (fp32), and the
-ranks must agree on every token, sampled ones too."""
+"""Tensor parallel 2 and pipeline parallel 2 on CPU: two processes launched by torchrun, gloo
+between them, each compiling the tiny models with tensor_parallel=2 or pipeline_parallel=2
+(tests/parallel/tp_worker.py). Their greedy tokens must be exactly those of transformers and
+of the single-process engine (fp32), and the ranks must agree on every token, sampled ones too."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from trtllm.kernels.errors import ConfigError
 sys.path.insert(0, str(Path(__file__).parent))
 import tp_worker  # noqa: E402
 
-CASES = ("llama", "gpt2", "llama_int8")
+CASES = ("llama", "gpt2", "llama_int8", "llama_pp", "gpt2_pp")
 
 
 def _free_port() -> int:
@@ -57,8 +57,8 @@ def _greedy(llm, params=None) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(tp_worker.PROMPTS, params)]
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_tp2_greedy_tokens_match_transformers_and_one_process(ranks, name):
+@pytest.mark.parametrize("name", ["llama", "gpt2", "llama_pp", "gpt2_pp"])
+def test_tp2_and_pp2_greedy_tokens_match_transformers_and_one_process(ranks, name):
     model, llm = _single(name)
     for prompt, tokens in zip(tp_worker.PROMPTS, ranks[0][name]["greedy"]):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=tp_worker.MAX_NEW_TOKENS, do_sample=False)
@@ -68,9 +68,14 @@ def test_tp2_greedy_tokens_match_transformers_and_one_process(ranks, name):
     assert _greedy(llm, seeded) == ranks[0][name]["seeded"]
     logits = model(torch.tensor([tp_worker.PROMPTS[0]])).logits[0]  # [S, V]
     torch.testing.assert_close(torch.tensor(ranks[0][name]["logits"]), logits, rtol=1e-4, atol=1e-4)
-    # each rank holds its KV heads and about half of the weights
-    assert ranks[0][name]["kv_heads"] * 2 == llm.engine.spec.num_kv_heads
-    assert ranks[0][name]["weight_numel"] < 0.7 * sum(w.numel() for w in llm.engine.weights.values())
+    # each rank holds its KV heads (tensor parallel) or its layers (pipeline parallel), and a part of the weights
+    spec = llm.engine.spec
+    if name.endswith("_pp"):
+        assert [ranks[r][name]["num_layers"] for r in range(2)] == [spec.num_layers // 2, (spec.num_layers + 1) // 2]
+    else:
+        assert ranks[0][name]["kv_heads"] * 2 == spec.num_kv_heads
+    for rank in ranks:
+        assert rank[name]["weight_numel"] < 0.75 * sum(w.numel() for w in llm.engine.weights.values())
 
 
 def test_tp2_int8_matches_one_process_int8(ranks):

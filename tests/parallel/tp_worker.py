@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc-per-node 2 tests/parallel/tp_worker.py OUT_DIR
 
-Each rank compiles the test models with tensor_parallel=2 (compile starts the gloo process
+Each rank compiles the test models with tensor_parallel=2 or pipeline_parallel=2 (compile starts the gloo process
 group from torchrun's environment), generates, runs `trtllm run --tp 2` last, and writes what it
 got to OUT_DIR/rank<r>.json.
 """
@@ -52,11 +52,17 @@ CASES = {
     "qwen2": (qwen2, {"dtype": "fp32"}),
     "gpt2": (gpt2, {"dtype": "fp32"}),
     "llama_int8": (lambda: tiny_llama(num_hidden_layers=2), {"dtype": "int8"}),
+    "llama_pp": (lambda: tiny_llama(num_hidden_layers=3), {"dtype": "fp32"}),  # 3 layers: stages of 1 and 2
+    "gpt2_pp": (gpt2, {"dtype": "fp32"}),
 }
+PARALLEL = {k: {"pipeline_parallel": 2} for k in ("llama_pp", "gpt2_pp")}  # the others: tensor_parallel=2
 
 
-def run_case(model, options: dict) -> dict:
-    llm = trtllm.compile(model, tensor_parallel=2, max_batch_size=4, max_seq_len=64, **options)
+def run_case(name: str) -> dict:
+    make, options = CASES[name]
+    model = make()
+    parallel = PARALLEL.get(name, {"tensor_parallel": 2})
+    llm = trtllm.compile(model, max_batch_size=4, max_seq_len=64, **parallel, **options)
     greedy = llm.generate(PROMPTS, trtllm.SamplingParams(max_new_tokens=MAX_NEW_TOKENS))
     sampled = llm.generate(PROMPTS, trtllm.SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0))
     seeded = llm.generate(PROMPTS, trtllm.SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=5))
@@ -67,6 +73,7 @@ def run_case(model, options: dict) -> dict:
         "seeded": [o.token_ids for o in seeded],
         "logits": logits[0].tolist(),
         "kv_heads": llm.engine.spec.num_kv_heads,
+        "num_layers": llm.engine.spec.num_layers,
         "weight_numel": sum(w.numel() for w in llm.engine.weights.values()),
     }
 
@@ -82,7 +89,7 @@ def run_cli() -> dict:
 
 
 def main(out_dir: str, names: list[str]) -> None:
-    results = {name: run_case(CASES[name][0](), CASES[name][1]) for name in names}
+    results = {name: run_case(name) for name in names}
     rank = torch.distributed.get_rank()
     results["cli"] = run_cli()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
