@@ -47,12 +47,17 @@ def gpt2():
     return widen_weights(GPT2LMHeadModel(config), 0).eval()
 
 
+def llama():
+    """GQA (4 heads, 2 KV heads); 3 layers, so that pipeline stages have 1 and 2."""
+    return tiny_llama(num_hidden_layers=3)
+
+
 CASES = {
-    "llama": (lambda: tiny_llama(num_hidden_layers=2), {"dtype": "fp32"}),
+    "llama": (llama, {"dtype": "fp32"}),
     "qwen2": (qwen2, {"dtype": "fp32"}),
     "gpt2": (gpt2, {"dtype": "fp32"}),
-    "llama_int8": (lambda: tiny_llama(num_hidden_layers=2), {"dtype": "int8"}),
-    "llama_pp": (lambda: tiny_llama(num_hidden_layers=3), {"dtype": "fp32"}),  # 3 layers: stages of 1 and 2
+    "llama_int8": (llama, {"dtype": "int8"}),
+    "llama_pp": (llama, {"dtype": "fp32"}),
     "gpt2_pp": (gpt2, {"dtype": "fp32"}),
 }
 PARALLEL = {k: {"pipeline_parallel": 2} for k in ("llama_pp", "gpt2_pp")}  # the others: tensor_parallel=2
