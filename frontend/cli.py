@@ -95,10 +95,10 @@ def _common_start(a: list[int], b: list[int]) -> int:
 
 
 def cmd_run(args) -> int:
-    if args.tp == 1:
+    if args.tp == 1 and args.pp == 1:
         return _run(args)
     if args.engine:
-        raise TrtllmError("--tp compiles each rank's shard; it does not run a saved engine (drop --engine)")
+        raise TrtllmError("--tp / --pp compile each rank's part; they do not run a saved engine (drop --engine)")
     # one process per rank (torchrun): every rank runs the same calls, rank 0 alone prints
     quiet = int(os.environ.get("RANK", "0")) != 0
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
@@ -120,9 +120,11 @@ def _run(args) -> int:
     else:
         model = _load_model(args.model, compute)
         llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=max(args.batch_size, 1),
-                             tensor_parallel=args.tp)
+                             tensor_parallel=args.tp, pipeline_parallel=args.pp)
+        parallel = (f", tensor parallel {args.tp}" if args.tp > 1 else "") + (
+            f", pipeline parallel {args.pp}" if args.pp > 1 else "")
         print(f"compiled {type(model).__name__} ({args.model}) to {dtype} on {llm.engine.device} "
-              f"in {llm.compile_seconds:.2f} s" + (f", tensor parallel {args.tp}" if args.tp > 1 else ""))
+              f"in {llm.compile_seconds:.2f} s{parallel}")
     params = trtllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     prompts = _prompts(args.batch_size, args.prompt_len, llm.engine.spec.vocab_size, args.seed)
     llm.generate(prompts[:1], trtllm.SamplingParams(max_new_tokens=2))  # warm-up
@@ -131,7 +133,7 @@ def _run(args) -> int:
     print(f"trtllm: {len(prompts)} prompts, {new_tokens} new tokens in {seconds:.3f} s = {new_tokens / seconds:.1f} tok/s")
     for prompt, out in list(zip(prompts, outputs))[:2]:
         print(f"  prompt {prompt[:8]}{'...' if len(prompt) > 8 else ''} -> {out.token_ids[:16]}...")
-    if model is not None and not args.no_eager and args.tp == 1:  # (a sharded model may not fit one device)
+    if model is not None and not args.no_eager and args.tp == args.pp == 1:  # (a split model may not fit one device)
         # A quantized engine is compared with the unquantized model in its compute dtype: its
         # greedy tokens part from those at the first near-tie, which the logits put in scale.
         eager, eager_seconds = _eager_generate(model, prompts, args.max_new_tokens, compute, llm.engine.device)
@@ -232,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     run.add_argument("--tp", type=int, default=1, help="tensor parallel ranks, one process each: run under "
                      "`torchrun --nproc-per-node N` (no eager baseline then)")
+    run.add_argument("--pp", type=int, default=1, help="pipeline stages, one process each, likewise")
     run.set_defaults(func=cmd_run)
     build = commands.add_parser("build", help="compile a model and save the engine")
     build.add_argument("--model", default="tiny")
