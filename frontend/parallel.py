@@ -1,4 +1,6 @@
-"""Tensor parallelism at compile time: the process group, this process's rank and device.
+"""Tensor and pipeline parallelism at compile time: the process group, this process's rank
+and device. (Pipeline parallelism, `pipeline_parallel=M`, launches likewise: each rank keeps
+one stage's layers, fusion/pipeline_split.py.)
 
 `compile(model, tensor_parallel=N)` runs in each of N processes, launched by
 `torchrun --nproc-per-node N` (or any launcher that sets torch.distributed's environment:
