@@ -16,11 +16,13 @@ from trtllm.fusion.kv_cache_fp8 import kv_scale_weights
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
 from trtllm.lowering.fold import fold_weights
+from trtllm.lowering.shard_weights import take_weight_shards
 from trtllm.runtime.kv_cache import KVCachePool
 from trtllm.runtime.llm_engine import LLMEngine, RuntimeConfig
 from trtllm.runtime.model_runner import measure_activation_peak
 from trtllm.runtime.sampling_params import SamplingParams
 
+from . import parallel
 from .config import KV_CACHE_FP8, BuildConfig
 from .fp8_checkpoint import checkpoint_fp8_weights, use_checkpoint_fp8
 from .kv_scales import calibration_token_ids, set_kv_scales
@@ -42,6 +44,7 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
             raise ConfigError(f"patterns must hold trtllm.fusion.Pattern objects, got {type(pattern).__name__}")
     config = BuildConfig(**options)
     config.validate()
+    config, ranks = parallel.setup(config)  # tensor parallel: the process group, this rank's device
     kv_fp8 = config.kv_cache_dtype == KV_CACHE_FP8
     if calibration_prompts is not None and not kv_fp8:
         raise ConfigError("calibration_prompts set the scales of an FP8 KV cache: pass kv_cache_dtype='fp8' too")
@@ -57,10 +60,10 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
     done("trace")
     stateless_passes, step_passes = split_step_passes(pipeline(
         patterns, quantization=config.quantization(), quantize_lm_head=config.quantize_lm_head,
-        kv_cache_fp8=kv_fp8))
+        kv_cache_fp8=kv_fp8, tensor_parallel=ranks.tensor(), pipeline_parallel=ranks.stages()))
     reports = run_passes(traced.graph_module, stateless_passes)
     done("fusion")
-    weights = dict(traced.weights)
+    weights = take_weight_shards(traced.graph_module, traced.weights)  # this rank's shards, on the host
     if config.quantization() == "fp8":  # an FP8 checkpoint's weights and scales, where fp8_gemm takes them
         start = time.perf_counter()
         kept, checkpoint = use_checkpoint_fp8(traced.graph_module, checkpoint_fp8_weights(model))
@@ -72,15 +75,20 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
     stateless = copy_graph(traced.graph_module.graph)  # ids in, logits out: what export_onnx writes
     reports += run_passes(traced.graph_module, step_passes)
     weights.update(prepare_weights(traced.graph_module, kv_scale_weights(traced.graph_module), config.torch_device()))
+    if ranks.stages()[1] > 1:  # a pipeline stage keeps its own layers' weights only
+        used = {n.target for n in traced.graph_module.graph.nodes if n.op == "get_attr"}
+        weights = {name: w for name, w in weights.items() if name in used}
     done("step_passes")
+    num_layers = sum(n.op == "placeholder" and n.target.startswith("kv_cache_") for n in traced.graph_module.graph.nodes)
+    spec = parallel.rank_spec(traced.spec, ranks, num_layers)
     # The step engine (paged KV cache) is native under either backend (frontend/tensorrt_backend.py).
-    engine = Engine(traced.graph_module.graph, weights, traced.spec, target="native")
+    engine = Engine(traced.graph_module.graph, weights, spec, target="native")
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
     if kv_fp8:
         set_kv_scales(engine, model, calibration_token_ids(calibration_prompts, tokenizer), config.block_size,
                       _runtime_config(engine, config).max_seq_len)
         done("kv_scales")
-    compiled = CompiledModel(engine, config, tokenizer=tokenizer)
+    compiled = CompiledModel(engine, config, tokenizer=tokenizer, seed=parallel.shared_seed(ranks))
     done("runtime")  # sizing the KV cache, capturing CUDA graphs
     if config.backend == "tensorrt":
         from .tensorrt_backend import build_tensorrt
@@ -132,7 +140,8 @@ def load(path: str | Path, *, tokenizer=None, device: str | None = None, **runti
 class CompiledModel:
     """An engine plus its runtime: call it for logits, or `generate` tokens."""
 
-    def __init__(self, engine: Engine, config: BuildConfig, tokenizer=None):
+    def __init__(self, engine: Engine, config: BuildConfig, tokenizer=None, seed: int | None = None):
+        """seed: of the generator unseeded sampled requests draw from (None: torch's global one)."""
         self.engine = engine
         self.config = config
         self.tokenizer = tokenizer
@@ -143,7 +152,7 @@ class CompiledModel:
         self.stateless_graph: torch.fx.Graph | None = None
         self.tensorrt = None  # backend="tensorrt": its TensorRTEngine, which __call__ runs
         detokenize = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-        self.runtime = LLMEngine(engine, _runtime_config(engine, config), detokenize)
+        self.runtime = LLMEngine(engine, dataclasses.replace(_runtime_config(engine, config), seed=seed), detokenize)
 
     def report(self) -> str:
         """Each fusion pass of the compile and how many rewrites it made, then which
@@ -216,6 +225,9 @@ class CompiledModel:
 
     def save(self, path: str | Path) -> None:
         """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer."""
+        if self.config.tensor_parallel > 1 or self.config.pipeline_parallel > 1:
+            raise ConfigError("saving a tensor- or pipeline-parallel engine (one part per rank) is not supported yet; "
+                              "compile it in each rank instead")
         path = Path(path)
         self.engine.save(path)
         if self.tensorrt is not None:

@@ -5,8 +5,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,6 +96,21 @@ def _common_start(a: list[int], b: list[int]) -> int:
 
 
 def cmd_run(args) -> int:
+    if args.tp == 1 and args.pp == 1:
+        return _run(args)
+    if args.engine:
+        raise TrtllmError("--tp / --pp compile each rank's part; they do not run a saved engine (drop --engine)")
+    # one process per rank (torchrun): every rank runs the same calls, rank 0 alone prints
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        try:
+            return _run(args)
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+
+def _run(args) -> int:
     import trtllm
 
     dtype = args.dtype or _default_dtype(args.device)
@@ -103,9 +121,12 @@ def cmd_run(args) -> int:
     else:
         model = _load_model(args.model, compute)
         llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=max(args.batch_size, 1),
-                             kv_cache_dtype=args.kv_cache_dtype)
+                             kv_cache_dtype=args.kv_cache_dtype, tensor_parallel=args.tp,
+                             pipeline_parallel=args.pp)
+        parallel = (f", tensor parallel {args.tp}" if args.tp > 1 else "") + (
+            f", pipeline parallel {args.pp}" if args.pp > 1 else "")
         print(f"compiled {type(model).__name__} ({args.model}) to {dtype} on {llm.engine.device} "
-              f"in {llm.compile_seconds:.2f} s")
+              f"in {llm.compile_seconds:.2f} s{parallel}")
     params = trtllm.SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     prompts = _prompts(args.batch_size, args.prompt_len, llm.engine.spec.vocab_size, args.seed)
     llm.generate(prompts[:1], trtllm.SamplingParams(max_new_tokens=2))  # warm-up
@@ -114,7 +135,7 @@ def cmd_run(args) -> int:
     print(f"trtllm: {len(prompts)} prompts, {new_tokens} new tokens in {seconds:.3f} s = {new_tokens / seconds:.1f} tok/s")
     for prompt, out in list(zip(prompts, outputs))[:2]:
         print(f"  prompt {prompt[:8]}{'...' if len(prompt) > 8 else ''} -> {out.token_ids[:16]}...")
-    if model is not None and not args.no_eager:
+    if model is not None and not args.no_eager and args.tp == args.pp == 1:  # (a split model may not fit one device)
         # A quantized engine is compared with the unquantized model in its compute dtype: its
         # greedy tokens part from those at the first near-tie, which the logits put in scale.
         eager, eager_seconds = _eager_generate(model, prompts, args.max_new_tokens, compute, llm.engine.device)
@@ -254,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--no-eager", action="store_true", help="skip the eager transformers baseline")
     run.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    run.add_argument("--tp", type=int, default=1, help="tensor parallel ranks, one process each: run under "
+                     "`torchrun --nproc-per-node N` (no eager baseline then)")
+    run.add_argument("--pp", type=int, default=1, help="pipeline stages, one process each, likewise")
     run.set_defaults(func=cmd_run)
     build = commands.add_parser("build", help="compile a model and save the engine")
     build.add_argument("--model", default="tiny")
@@ -304,3 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrtllmError as exc:
         print(f"trtllm: error: {exc}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":  # `torchrun --nproc-per-node N -m trtllm.frontend.cli run --tp N`
+    sys.exit(main())

@@ -53,7 +53,8 @@ class BuildConfig:
     quantize_lm_head: bool = False  # a quantized dtype's LM head in that format too (default: the compute dtype)
     kv_cache_memory: int | float | None = None  # bytes, or a fraction of the GPU memory left after weights and the measured activation peak (None: enough for max_batch_size full sequences, within 90% of it)
     block_size: int = 32  # tokens per KV-cache block
-    tensor_parallel: int = 1  # GPUs per model (only 1 for now)
+    tensor_parallel: int = 1  # processes (GPUs) per model, one rank each (launched by torchrun; frontend/parallel.py)
+    pipeline_parallel: int = 1  # pipeline stages, one process each, layers split between them (not with tensor_parallel yet)
     backend: str = "native"  # "native" (our kernels and torch) or "tensorrt"
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs captured at compile time (GPU only)
     decode_steps: int = 8  # decode steps run back to back on the device between host syncs (1: every token)
@@ -94,9 +95,8 @@ class BuildConfig:
             raise ConfigError(f"unknown backend {self.backend!r}; use one of {BACKENDS}")
         if self.backend == "tensorrt":
             self._validate_tensorrt()
-        if self.tensor_parallel != 1:
-            raise ConfigError(f"tensor_parallel={self.tensor_parallel} is not supported yet; use 1")
-        for name in ("max_batch_size", "max_num_tokens", "block_size", "decode_steps"):
+        for name in ("max_batch_size", "max_num_tokens", "block_size", "decode_steps", "tensor_parallel",
+                     "pipeline_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_seq_len is not None and self.max_seq_len < 2:

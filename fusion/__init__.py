@@ -3,11 +3,13 @@
 Each pass is `GraphModule -> int` (rewrites made, the graph changed in place) in its own file.
 `pipeline(patterns)` is the list a compile runs:
 
-    canonicalize  ->  user patterns  ->  fuse  ->  [quantize]  ->  gather_logits  ->  insert_kv_cache
-                  ->  rope_attention  ->  [kv_cache_fp8]  ->  [decode_gemv]
+    canonicalize  ->  user patterns  ->  fuse  ->  [quantize]  ->  [shard]  ->  gather_logits
+                  ->  insert_kv_cache  ->  rope_attention  ->  [kv_cache_fp8]  ->  [split_pipeline]
+                  ->  [decode_gemv]
 
-quantize runs only for a quantized dtype ("fp8", "int8", "int4"); kv_cache_fp8 only for
-kv_cache_dtype "fp8"; decode_gemv only on request,
+quantize runs only for a quantized dtype ("fp8", "int8", "int4"); shard only for tensor
+parallelism (one rank's share of the graph); kv_cache_fp8 only for kv_cache_dtype "fp8";
+split_pipeline only for pipeline parallelism (one stage's layers); decode_gemv only on request,
 `TRTLLM_DECODE_FUSION=1` (norms) or `=all` (gated activations too).
 
 `TRTLLM_DUMP_DIR=dir` writes the graph after every pass (`NN_<pass>.txt`).
@@ -36,9 +38,11 @@ from .kv_cache_fp8 import quantize_kv_cache
 from .merge_gemms import merge_parallel_gemms
 from .norms import canonicalize_layernorm, canonicalize_rmsnorm
 from .pattern import Match, Pattern
+from .pipeline_split import split_pipeline
 from .quantize import quantize_linears
 from .rope import canonicalize_rope
 from .rope_attention import fuse_rope_attention
+from .shard import gather_vocabulary, shard_tensor_parallel
 
 __all__ = ["Match", "Pattern", "PassReport", "pipeline", "register", "registered", "run_passes", "unregister"]
 
@@ -117,14 +121,33 @@ def pattern_passes(patterns: Iterable[Pattern]) -> list[tuple[str, Pass]]:
 
 
 def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None,
-             quantize_lm_head: bool = False, kv_cache_fp8: bool = False) -> list[tuple[str, Pass]]:
+             quantize_lm_head: bool = False, kv_cache_fp8: bool = False,
+             tensor_parallel: tuple[int, int] = (0, 1),
+             pipeline_parallel: tuple[int, int] = (0, 1)) -> list[tuple[str, Pass]]:
     """The passes a compile runs, in order; `quantization`: one of WEIGHT_FORMATS, or None;
-    `quantize_lm_head`: the LM head in that format too; `kv_cache_fp8`: an E4M3 KV cache."""
+    `quantize_lm_head`: the LM head in that format too; `kv_cache_fp8`: an E4M3 KV cache;
+    `tensor_parallel`: (rank, world size); `pipeline_parallel`: (stage, stages)."""
     quantize = quantize_passes(quantization, quantize_lm_head)
+    step = STEP if tensor_parallel[1] == 1 else shard_step(*tensor_parallel)
     rope_attention = ROPE_ATTENTION if envs.rope_attention() else ()
     kv_fp8 = KV_CACHE_FP8 if kv_cache_fp8 else ()
-    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *STEP, *rope_attention, *kv_fp8,
+    stage, num_stages = pipeline_parallel
+    split = () if num_stages == 1 else (
+        ("split_pipeline", functools.partial(split_pipeline, stage=stage, num_stages=num_stages)),)
+    return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *step, *rope_attention, *kv_fp8, *split,
             *DECODE[envs.decode_fusion()]]
+
+
+def shard_step(rank: int, world_size: int) -> tuple[tuple[str, Pass], ...]:
+    """STEP for rank `rank` of a tensor-parallel `world_size`: first its share of the graph
+    (column- and row-parallel GEMMs, all_reduce after the row-parallel ones, its share of the
+    LM head's vocabulary), then, after gather_logits, the vocabulary all-gathered."""
+    return (
+        ("shard", functools.partial(shard_tensor_parallel, rank=rank, world_size=world_size)),
+        STEP[0],  # gather_logits
+        ("gather_vocabulary", functools.partial(gather_vocabulary, world_size=world_size)),
+        *STEP[1:],
+    )
 
 
 @dataclass(frozen=True)

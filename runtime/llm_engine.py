@@ -41,6 +41,9 @@ class RuntimeConfig:
     num_blocks: int | None = None  # KV-cache blocks (None: enough for max_batch_size full sequences)
     cuda_graphs: bool = True  # replay decode steps and short one-sequence steps from CUDA graphs (on a GPU)
     decode_steps: int = 8  # decode steps run back to back between host syncs (1: sync every token)
+    # seed of the generator unseeded sampled requests draw from (None: torch's global one);
+    # tensor parallel gives every rank the same, so that all ranks sample the same tokens
+    seed: int | None = None
 
     def blocks(self) -> int:
         if self.num_blocks is not None:
@@ -167,6 +170,7 @@ class LLMEngine:
         pin = engine.device.type == "cuda"
         self._readback = [torch.empty(config.decode_steps * config.max_batch_size, dtype=torch.long, pin_memory=pin)
                           for _ in range(2)]
+        self._generator = None if config.seed is None else torch.Generator(engine.device).manual_seed(config.seed)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; it joins the running batch at the next step. Returns its id."""
@@ -187,8 +191,11 @@ class LLMEngine:
         self.scheduler.add_request(request)
         logprobs = None if params.logprobs is None else []
         beams = params.num_beams > 1  # a beam search streams nothing until it is done: no tokens in progress
+        generator = make_generator(params, self.engine.device)
+        if generator is None and params.temperature > 0:
+            generator = self._generator
         self._requests[request_id] = _RequestState(
-            SampleRow(params, make_generator(params, self.engine.device), request.prompt_token_ids,
+            SampleRow(params, generator, request.prompt_token_ids,
                       () if beams else request.output_token_ids),
             logprobs, None if logprobs is None else [], beam=BeamSearch(params, request.stop_token_ids) if beams else None)
         return request_id
