@@ -166,9 +166,10 @@ def main() -> None:
         other = init_weights(type(model)(), seed=1)
         start = time.perf_counter()
         llm.refit(other.state_dict())
+        seconds = time.perf_counter() - start
         ids = torch.tensor(prompts[0])[None]
         same = torch.allclose(llm(ids), other(ids), atol=1e-4, rtol=1e-4)
-        print(f"  refit in {time.perf_counter() - start:.3f} s; logits match the new weights: {same}")
+        print(f"  refit in {seconds:.3f} s; logits match the new weights: {same}")
 
 
 if __name__ == "__main__":

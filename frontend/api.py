@@ -15,6 +15,7 @@ from trtllm.fusion import Pattern, format_report, pipeline, run_passes
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
 from trtllm.lowering.fold import fold_weights
+from trtllm.lowering.refit import build_plan, snapshot
 from trtllm.runtime.kv_cache import KVCachePool
 from trtllm.runtime.llm_engine import LLMEngine, RuntimeConfig
 from trtllm.runtime.model_runner import measure_activation_peak
@@ -48,10 +49,13 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), **options) -
     done("trace")
     reports = run_passes(traced.graph_module, pipeline(patterns, quantization=config.quantization()))
     done("fusion")
-    weights = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
-    weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them
+    prepared = prepare_weights(traced.graph_module, traced.weights, config.torch_device())
+    before_fold = snapshot(traced.graph_module)
+    weights = fold_weights(traced.graph_module, prepared)  # concatenates, quantizes and packs them
+    refit_plan = build_plan(before_fold, prepared, traced.weights, model, weights)  # how refit redoes the above
+    del prepared, before_fold
     done("weights")
-    engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend)
+    engine = Engine(traced.graph_module.graph, weights, traced.spec, target=config.backend, refit_plan=refit_plan)
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
     compiled = CompiledModel(engine, config, tokenizer=tokenizer)
     done("runtime")  # sizing the KV cache, capturing CUDA graphs
@@ -103,6 +107,7 @@ class CompiledModel:
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits `[B, S, V]` of every position, like `model(input_ids).logits`."""
+        self._require_weights()
         input_ids = _as_ids_tensor(input_ids)
         if input_ids.shape[1] > self.max_seq_len:
             raise RequestError(f"input has {input_ids.shape[1]} tokens, beyond max_seq_len={self.max_seq_len}")
@@ -153,15 +158,28 @@ class CompiledModel:
         self._check_length(ids, params.max_new_tokens)
         return self.runtime.astream(ids, params)
 
-    def save(self, path: str | Path) -> None:
-        """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer."""
+    def refit(self, state_dict) -> None:
+        """Bind new weights to the engine in place: a `state_dict()` of the compiled module's
+        class (same keys, shapes and dtypes) or a safetensors file. Folded and quantized
+        weights are recomputed; CUDA graphs stay valid. A key, shape or dtype that does not
+        fit raises `TrtllmError` before anything changes."""
+        self.engine.refit(state_dict)
+
+    def save(self, path: str | Path, weights: bool = True) -> None:
+        """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer;
+        `weights=False` leaves out the weights a later `refit` binds."""
         path = Path(path)
-        self.engine.save(path)
+        self.engine.save(path, weights=weights)
         (path / "trtllm.json").write_text(json.dumps({"build_config": dataclasses.asdict(self.config)}, indent=1))
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(path / "tokenizer"))
 
+    def _require_weights(self) -> None:
+        if not self.engine.weights_bound:
+            raise RequestError("this engine was saved without its weights; bind them first with refit(state_dict)")
+
     def _encode(self, prompt) -> list[int]:
+        self._require_weights()
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("string prompts need a tokenizer: compile(model, tokenizer=...)")
