@@ -6,7 +6,7 @@ On disk an engine is a folder:
                          weight's shape and dtype, and the refit plan (lowering/refit.py)
     weights.safetensors  every weight once, by its graph name (`save(weights=False)`: only
                          those a refit does not rebuild; a later `refit` binds the others)
-    refit_constants.safetensors  module tensors without a state_dict key that refit reads
+    refit_constants.safetensors  module tensors without a state_dict key that refit reads (if any)
 Loading reads JSON and safetensors only; it never unpickles.
 """
 
@@ -95,8 +95,9 @@ class Engine:
         }
         if self.refit_plan is not None:
             meta["refit"] = self.refit_plan.to_json()
-            save_file({k: v.contiguous() for k, v in self.refit_plan.constants.items()},
-                      str(path / "refit_constants.safetensors"))
+            if self.refit_plan.constants:
+                save_file({k: v.contiguous() for k, v in self.refit_plan.constants.items()},
+                          str(path / "refit_constants.safetensors"))
         (path / "engine.json").write_text(json.dumps(meta))
 
     @classmethod
@@ -118,7 +119,8 @@ class Engine:
         graph = graph_from_json(meta["graph"])
         plan = None
         if "refit" in meta:
-            constants = load_file(str(path / "refit_constants.safetensors"), device=str(saved_device))
+            constants_path = path / "refit_constants.safetensors"
+            constants = load_file(str(constants_path), device=str(saved_device)) if constants_path.is_file() else {}
             plan = RefitPlan.from_json(meta["refit"], constants)
         return cls(graph, weights, ModelSpec.from_json(meta["spec"]), target=meta["target"], refit_plan=plan,
                    weights_bound=meta.get("weights_saved", True))

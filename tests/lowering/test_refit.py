@@ -3,6 +3,7 @@ before anything changes; `save(weights=False)` completed by a later refit."""
 
 from __future__ import annotations
 
+import json
 import runpy
 from pathlib import Path
 
@@ -127,3 +128,14 @@ def test_refit_under_cuda_graphs():
     params = trtllm.SamplingParams(max_new_tokens=16)
     prompts = [[3, 17, 42], [100, 5, 7, 7, 8]]
     assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in fresh.generate(prompts, params)]
+
+
+def test_refit_time_benchmark_runs_on_the_tiny_model(tmp_path):
+    """benchmarks/refit_time.py, as the lead runs it on a GPU, here with the tiny shape on CPU."""
+    script = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "refit_time.py"))
+    out = tmp_path / "refit.json"
+    result = script["main"](["--model", "tiny", "--device", "cpu", "--repeat", "1", "--max-batch-size", "1",
+                             "--max-seq-len", "80", "--kv-cache-gib", "0.01", "--out", str(out)])
+    assert result["ok"] and result["logits_vs_fresh_compile"]["max_err"] == 0.0
+    assert len(result["refit_s"]) == 1 and result["compile_s"] > 0
+    assert json.loads(out.read_text())["model"] == "tiny"
