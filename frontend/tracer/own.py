@@ -24,6 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from trtllm.fusion.attention import canonicalize_eager_attention, canonicalize_sdpa
+from trtllm.fusion.graph import current_op_objects
 from trtllm.fusion.positions import ARANGES, SLICE_DEFAULTS, is_token_count, packed_positions, reads_inputs, token_count
 from trtllm.kernels.errors import UnsupportedModelError
 
@@ -34,6 +35,7 @@ def canonicalize_own(gm: GraphModule, name: str) -> None:
     """Steps 1-3 above on `gm` in place; `name` (the module's class) goes into errors."""
     canonicalize_sdpa(gm)
     canonicalize_eager_attention(gm)
+    current_op_objects(gm)
     gm.graph.eliminate_dead_code()  # the causal masks the attention no longer reads
     packed_positions(gm)
     _check(gm, name)

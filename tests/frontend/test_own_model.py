@@ -47,6 +47,7 @@ def test_generate_matches_naive_greedy_loop(cls):
     assert counts["insert_kv_cache"] == 2
     if cls is not GPT:
         assert counts["rope"] == 2, "rotate-half rotary becomes trtllm.rope, as in HF models"
+        assert llm.engine.spec.num_kv_heads == 2, "the cache holds the K/V heads before repeat_kv"
 
 
 def test_positions_bound_max_seq_len():
