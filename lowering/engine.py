@@ -73,7 +73,8 @@ class Engine:
     def refit(self, state_dict) -> None:
         """Bind a module's new weights (same keys, shapes, dtypes) in place; see lowering/refit.py."""
         if self.refit_plan is None:
-            raise TrtllmError("this engine has no refit plan (saved by an older trtllm); rebuild it with trtllm.compile")
+            raise TrtllmError("this engine has no refit plan (saved by an older trtllm, or a weight could not be "
+                              "traced back to the module at build: see the build's warning); rebuild it with trtllm.compile")
         refit(self.refit_plan, self.weights, state_dict)
         self.weights_bound = True
 

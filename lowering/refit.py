@@ -81,8 +81,9 @@ def snapshot(gm: GraphModule) -> Graph:
 
 
 def build_plan(before_fold: Graph, prepared: dict[str, torch.Tensor], module_tensors: dict[str, torch.Tensor],
-               model: torch.nn.Module, engine_weights: dict[str, torch.Tensor]) -> RefitPlan:
-    """The plan that recomputes `engine_weights` (after fold) from `model`'s state_dict.
+               model: torch.nn.Module, engine_weights: dict[str, torch.Tensor]) -> RefitPlan | None:
+    """The plan that recomputes `engine_weights` (after fold) from `model`'s state_dict (None,
+    with a warning, where a weight cannot be traced back: the engine then refuses refits).
 
     before_fold: `snapshot` of the fused graph; prepared: its get_attr targets' tensors as
     lowering prepared them; module_tensors: get_attr target -> the module's own tensor."""
@@ -96,8 +97,9 @@ def build_plan(before_fold: Graph, prepared: dict[str, torch.Tensor], module_ten
     roots: dict[str, Node] = {}
     for name in engine_weights:
         node = by_name.get(name.removeprefix(FOLDED_PREFIX)) if name.startswith(FOLDED_PREFIX) else by_target.get(name)
-        if node is None:
-            raise RefitError(f"engine weight {name!r} has no node in the graph before folding; refit cannot rebuild it")
+        if node is None:  # (fold names every weight it makes after a node: not expected)
+            log.warning("engine weight %r has no node in the graph before folding; this engine cannot be refit", name)
+            return None
         if any(sources.get(leaf.target) for leaf in _leaves(node)):
             roots[name] = node  # computed from at least one state_dict tensor
     graph, used = _extract(before_fold, roots)

@@ -41,6 +41,8 @@ def test_generate_matches_naive_greedy_loop(cls):
     llm = trtllm.compile(model, dtype="fp32", max_batch_size=4)
     outputs = llm.generate(PROMPTS, trtllm.SamplingParams(max_new_tokens=NEW_TOKENS))
     assert [o.token_ids for o in outputs] == [naive_greedy(model, p, NEW_TOKENS) for p in PROMPTS]
+    streamed = list(llm.stream(PROMPTS[0], trtllm.SamplingParams(max_new_tokens=NEW_TOKENS)))
+    assert streamed == outputs[0].token_ids
     ids = torch.tensor([PROMPTS[2]])
     torch.testing.assert_close(llm(ids), model(ids).detach(), rtol=1e-5, atol=1e-5)
     counts = {r.name: r.rewrites for r in llm.pass_reports}
