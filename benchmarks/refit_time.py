@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import shlex
 import sys
@@ -74,7 +75,10 @@ def run(model_name: str, device: torch.device, repeat: int, **options) -> dict:
     refit_s = [_timed(device, llm.refit, state)[1] for _ in range(repeat)]
     prompts = torch.randint(3, SHAPES[model_name]["vocab_size"], (4, 64), generator=torch.Generator().manual_seed(5))
     refit_logits = _logits(llm, prompts)
-    del llm, model_a
+    del llm, model_a  # the first engine (which uses model A's tensors) goes before the second is built
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     fresh = trtllm.compile(model_b, device=str(device), **options)
     error = logits_error(refit_logits, _logits(fresh, prompts))
     tolerance = TOLERANCE.get(dtype, DEFAULT_TOLERANCE)
