@@ -52,11 +52,12 @@ def redraw(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
-def _timed(device: torch.device, fn, *args, **kwargs) -> tuple[object, float]:
-    _sync(device)
+def _timed(sync: torch.device, fn, *args, **kwargs) -> tuple[object, float]:
+    """fn(*args, **kwargs) and its seconds, with `sync`'s queue drained before and after."""
+    _sync(sync)
     start = time.perf_counter()
     result = fn(*args, **kwargs)
-    _sync(device)
+    _sync(sync)
     return result, time.perf_counter() - start
 
 
