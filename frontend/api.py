@@ -16,6 +16,7 @@ from trtllm.fusion.kv_cache_fp8 import kv_scale_weights
 from trtllm.kernels.errors import ConfigError, RequestError
 from trtllm.lowering.engine import Engine, prepare_weights
 from trtllm.lowering.fold import fold_weights
+from trtllm.lowering.refit import build_plan, snapshot
 from trtllm.lowering.shard_weights import take_weight_shards
 from trtllm.runtime.kv_cache import KVCachePool
 from trtllm.runtime.llm_engine import LLMEngine, RuntimeConfig
@@ -69,8 +70,12 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
         kept, checkpoint = use_checkpoint_fp8(traced.graph_module, checkpoint_fp8_weights(model))
         weights.update(checkpoint)
         reports.append(PassReport("checkpoint_fp8", kept, time.perf_counter() - start))
-    weights = prepare_weights(traced.graph_module, weights, config.torch_device())
-    weights = fold_weights(traced.graph_module, weights)  # concatenates, quantizes and packs them
+    prepared = prepare_weights(traced.graph_module, weights, config.torch_device())
+    before_fold = snapshot(traced.graph_module)
+    weights = fold_weights(traced.graph_module, prepared)  # concatenates, quantizes and packs them
+    single = ranks.tensor()[1] == ranks.stages()[1] == 1  # refit binds a whole module's weights
+    refit_plan = build_plan(before_fold, prepared, traced.weights, model, weights) if single else None
+    del prepared, before_fold
     done("weights")
     stateless = copy_graph(traced.graph_module.graph)  # ids in, logits out: what export_onnx writes
     reports += run_passes(traced.graph_module, step_passes)
@@ -82,7 +87,7 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
     num_layers = sum(n.op == "placeholder" and n.target.startswith("kv_cache_") for n in traced.graph_module.graph.nodes)
     spec = parallel.rank_spec(traced.spec, ranks, num_layers)
     # The step engine (paged KV cache) is native under either backend (frontend/tensorrt_backend.py).
-    engine = Engine(traced.graph_module.graph, weights, spec, target="native")
+    engine = Engine(traced.graph_module.graph, weights, spec, target="native", refit_plan=refit_plan)
     done("lowering")  # choosing implementations, timing GEMM candidates on a GPU
     if kv_fp8:
         set_kv_scales(engine, model, calibration_token_ids(calibration_prompts, tokenizer), config.block_size,
@@ -169,6 +174,7 @@ class CompiledModel:
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits `[B, S, V]` of every position, like `model(input_ids).logits`."""
+        self._require_weights()
         input_ids = _as_ids_tensor(input_ids)
         if input_ids.shape[1] > self.max_seq_len:
             raise RequestError(f"input has {input_ids.shape[1]} tokens, beyond max_seq_len={self.max_seq_len}")
@@ -223,20 +229,33 @@ class CompiledModel:
         self._check_length(ids, params.max_new_tokens)
         return self.runtime.astream(ids, params)
 
-    def save(self, path: str | Path) -> None:
-        """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer."""
+    def refit(self, state_dict) -> None:
+        """Bind new weights to the engine in place: a `state_dict()` of the compiled module's
+        class (same keys, shapes and dtypes) or a safetensors file. Folded and quantized
+        weights are recomputed; CUDA graphs stay valid. A key, shape or dtype that does not
+        fit raises `TrtllmError` before anything changes."""
+        self.engine.refit(state_dict)
+
+    def save(self, path: str | Path, weights: bool = True) -> None:
+        """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer;
+        `weights=False` leaves out the weights a later `refit` binds."""
         if self.config.tensor_parallel > 1 or self.config.pipeline_parallel > 1:
             raise ConfigError("saving a tensor- or pipeline-parallel engine (one part per rank) is not supported yet; "
                               "compile it in each rank instead")
         path = Path(path)
-        self.engine.save(path)
+        self.engine.save(path, weights=weights)
         if self.tensorrt is not None:
             self.tensorrt.save(path)
         (path / "trtllm.json").write_text(json.dumps({"build_config": dataclasses.asdict(self.config)}, indent=1))
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(path / "tokenizer"))
 
+    def _require_weights(self) -> None:
+        if not self.engine.weights_bound:
+            raise RequestError("this engine was saved without its weights; bind them first with refit(state_dict)")
+
     def _encode(self, prompt) -> list[int]:
+        self._require_weights()
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("string prompts need a tokenizer: compile(model, tokenizer=...)")

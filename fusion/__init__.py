@@ -33,6 +33,7 @@ from .decode_gemv import fuse_decode_gemv
 from .gated_mlp import fuse_gated_mlp
 from .gather_logits import gather_logits
 from .gemm_act import fuse_gemm_act
+from .graph import current_op_objects
 from .kv_cache import insert_kv_cache
 from .kv_cache_fp8 import quantize_kv_cache
 from .merge_gemms import merge_parallel_gemms
@@ -168,6 +169,7 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[tuple[str, Pass]] | No
     for index, (name, fn) in enumerate(passes, start=1):
         start = time.perf_counter()
         rewrites = fn(gm)
+        current_op_objects(gm)  # a cached pattern's replacement may hold stale op objects
         gm.graph.lint()
         reports.append(PassReport(name, rewrites, time.perf_counter() - start))
         log.info("pass %s: %d rewrites", name, rewrites)

@@ -4,8 +4,8 @@
 scaled_dot_product_attention, q [B, H, S, D] (no mask, no dropout):
     o = scaled_dot_product_attention(q, k, v, None, 0.0, is_causal, scale, enable_gqa)
         ->  o = permute(trtllm.attention(permute(q), permute(k), permute(v), scale, is_causal, -1, 0.0))
-Eager softmax attention (no mask), also with K/V heads repeated for GQA (HF's `repeat_kv`:
-unsqueeze, expand, reshape):
+Eager softmax attention (no mask, or a causal one as below), also with K/V heads repeated for
+GQA (HF's `repeat_kv`: unsqueeze, expand, reshape):
     o = matmul(softmax(mul(matmul(q, transpose(k, -2, -1)), scale), -1), v)
         ->  the same, non-causal (the op repeats K/V heads itself)
 
@@ -97,7 +97,7 @@ def _repeats_heads(match: Match) -> bool:
         if node.target is aten.unsqueeze.default and node.args[1] != 2:
             return False
         if node.target is aten.expand.default:
-            b, hkv, n, s, d = node.args[1]
+            b, hkv, n, s, d = node.meta["val"].shape  # (its args hold nodes where sizes are symbolic)
             kv = node.args[0].meta["val"]
             if [b, hkv, s, d] != [kv.shape[0], kv.shape[1], kv.shape[3], kv.shape[4]] or hkv * n != q.shape[1]:
                 return False
@@ -120,6 +120,18 @@ def _fused_causal(q, k, v, scale, mask):
     return out.transpose(1, 2)
 
 
+def _eager_gqa_bias(q, k, v, scale, mask):
+    return _eager_bias(q, _repeat_kv(k, 2), _repeat_kv(v, 2), scale, mask)
+
+
+def _eager_gqa_fill(q, k, v, scale, mask):
+    return _eager_fill(q, _repeat_kv(k, 2), _repeat_kv(v, 2), scale, mask)
+
+
+def _causal_gqa(match: Match) -> bool:
+    return _repeats_heads(match) and _causal(match)
+
+
 def _causal(match: Match) -> bool:
     mask = match.inputs["mask"]
     if not isinstance(mask, torch.fx.Node) or not _last_two_dims(match):
@@ -135,6 +147,10 @@ def _patterns() -> tuple[Pattern, ...]:
     q, kv = torch.randn(1, 4, 4, 8), torch.randn(1, 2, 4, 8)
     bias, hidden = torch.zeros(4, 4), torch.ones(4, 4, dtype=torch.bool).triu(1)
     return (
+        Pattern("eager-attention-gqa-causal-bias", _eager_gqa_bias, _fused_causal, (q, kv, kv, 0.125, bias),
+                check=_causal_gqa),
+        Pattern("eager-attention-gqa-causal-fill", _eager_gqa_fill, _fused_causal, (q, kv, kv, 0.125, hidden),
+                check=_causal_gqa),
         Pattern("eager-attention-causal-bias", _eager_bias, _fused_causal, (q, q, q, 0.125, bias), check=_causal),
         Pattern("eager-attention-causal-fill", _eager_fill, _fused_causal, (q, q, q, 0.125, hidden), check=_causal),
         Pattern("eager-attention-gqa", _eager_gqa, _fused, (q, kv, kv, 0.125), check=_repeats_heads),

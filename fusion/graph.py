@@ -100,6 +100,17 @@ def strip_checks(gm: GraphModule) -> None:
     gm.recompile()
 
 
+def current_op_objects(gm: GraphModule) -> None:
+    """Point `trtllm::` nodes at the op objects `torch.ops.trtllm` holds now. A pattern's
+    replacement, traced once and cached, keeps the OpOverload of its time; torch re-creates
+    those objects when it drops a namespace's cached attributes (seen in the test suite after
+    other exports), and passes and the lowering registry find ops by identity."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == "trtllm":
+            node.target = getattr(getattr(torch.ops.trtllm, target._opname), target._overloadname)
+
+
 def has_op(gm: GraphModule, *ops) -> bool:
     """Whether any node calls one of `ops` (passes skip building patterns they cannot match)."""
     return any(n.op == "call_function" and n.target in ops for n in gm.graph.nodes)

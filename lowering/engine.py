@@ -2,8 +2,11 @@
 
 On disk an engine is a folder:
     engine.json          format version, `ModelSpec`, target, dtype, device, the graph as JSON
-                         (lowering/serialize.py), and which weight names share storage
-    weights.safetensors  every weight once, by its graph name
+                         (lowering/serialize.py), which weight names share storage, every
+                         weight's shape and dtype, and the refit plan (lowering/refit.py)
+    weights.safetensors  every weight once, by its graph name (`save(weights=False)`: only
+                         those a refit does not rebuild; a later `refit` binds the others)
+    refit_constants.safetensors  module tensors without a state_dict key that refit reads (if any)
 Loading reads JSON and safetensors only; it never unpickles.
 """
 
@@ -21,6 +24,7 @@ from tqdm.auto import tqdm
 from trtllm.fusion.kv_cache_fp8 import kv_cache_dtype
 from trtllm.kernels.errors import LoweringError, TrtllmError
 
+from .refit import RefitPlan, refit, weight_manifest, weights_from_manifest
 from .registry import Registry, default_registry
 from .serialize import graph_from_json, graph_to_json
 from .spec import ModelSpec
@@ -33,11 +37,14 @@ class Engine:
     """Runs the step graph: `engine(input_ids=..., position_ids=..., ...) -> logits [N, V]`."""
 
     def __init__(self, graph: Graph, weights: dict[str, torch.Tensor], spec: ModelSpec, *,
-                 target: str = "native", registry: Registry | None = None):
+                 target: str = "native", registry: Registry | None = None, refit_plan: RefitPlan | None = None,
+                 weights_bound: bool = True):
         self.graph = graph  # the fused graph, ops by canonical name (what `save` writes)
         self.weights = weights  # get_attr target -> prepared tensor
         self.spec = spec
         self.target = target
+        self.refit_plan = refit_plan  # how `refit` rebuilds the weights from a state_dict (None: it cannot)
+        self.weights_bound = weights_bound  # False: loaded without its weights, until a refit binds them
         self.input_names = [n.target for n in graph.nodes if n.op == "placeholder"]
         self.device, self.dtype = _device_and_dtype(weights)
         self.kv_cache_dtype = kv_cache_dtype(graph, self.dtype)  # float8_e4m3fn where the attention reads kv_scales
@@ -65,16 +72,35 @@ class Engine:
         lines += [f"  {op}: {impl} x {n}" for (op, impl), n in sorted(counts.items())]
         return "\n".join(lines)
 
-    def save(self, path: str | Path) -> None:
+    def refit(self, state_dict) -> None:
+        """Bind a module's new weights (same keys, shapes, dtypes) in place; see lowering/refit.py."""
+        if self.refit_plan is None:
+            raise TrtllmError("this engine has no refit plan (saved by an older trtllm, or a weight could not be "
+                              "traced back to the module at build: see the build's warning); rebuild it with trtllm.compile")
+        refit(self.refit_plan, self.weights, state_dict)
+        self.weights_bound = True
+
+    def save(self, path: str | Path, weights: bool = True) -> None:
+        """Write the engine folder; `weights=False` leaves out what a `refit` rebuilds."""
         path = Path(path)
+        if not weights and self.refit_plan is None:
+            raise TrtllmError("save(weights=False) needs an engine with a refit plan, or nothing could bind its weights")
         path.mkdir(parents=True, exist_ok=True)
         unique, aliases = _dedup(self.weights)
-        save_file({k: v.contiguous() for k, v in unique.items()}, str(path / "weights.safetensors"))
+        left_out = set() if weights else set(self.refit_plan.outputs)
+        save_file({k: v.contiguous() for k, v in unique.items() if k not in left_out},
+                  str(path / "weights.safetensors"))
         meta = {
             "format_version": FORMAT_VERSION, "spec": self.spec.to_json(), "target": self.target,
             "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
             "weight_aliases": aliases, "graph": graph_to_json(self.graph),
+            "weights_saved": weights, "weight_manifest": weight_manifest(unique),
         }
+        if self.refit_plan is not None:
+            meta["refit"] = self.refit_plan.to_json()
+            if self.refit_plan.constants:
+                save_file({k: v.contiguous() for k, v in self.refit_plan.constants.items()},
+                          str(path / "refit_constants.safetensors"))
         (path / "engine.json").write_text(json.dumps(meta))
 
     @classmethod
@@ -90,10 +116,17 @@ class Engine:
         if device is not None and torch.device(device) != saved_device:
             raise TrtllmError(f"{path} was built for {saved_device}; rebuild it for {device}")
         weights = load_file(str(path / "weights.safetensors"), device=str(saved_device))
+        weights = weights_from_manifest(weights, meta.get("weight_manifest", {}), saved_device)  # zeros if left out
         for name, source in meta["weight_aliases"].items():
             weights[name] = weights[source]
         graph = graph_from_json(meta["graph"])
-        return cls(graph, weights, ModelSpec.from_json(meta["spec"]), target=meta["target"])
+        plan = None
+        if "refit" in meta:
+            constants_path = path / "refit_constants.safetensors"
+            constants = load_file(str(constants_path), device=str(saved_device)) if constants_path.is_file() else {}
+            plan = RefitPlan.from_json(meta["refit"], constants)
+        return cls(graph, weights, ModelSpec.from_json(meta["spec"]), target=meta["target"], refit_plan=plan,
+                   weights_bound=meta.get("weights_saved", True))
 
 
 def prepare_weights(gm: GraphModule, weights: dict[str, torch.Tensor], device: torch.device) -> dict:

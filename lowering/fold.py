@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+FOLDED_PREFIX = "folded_"  # a folded node's weight is named FOLDED_PREFIX + its node's name (refit relies on it)
+
 
 def fold_weights(gm: GraphModule, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rewrite `gm` in place; returns the weights its get_attr nodes now read."""
@@ -37,7 +39,7 @@ def fold_weights(gm: GraphModule, weights: dict[str, torch.Tensor]) -> dict[str,
             continue
         if not isinstance(value, torch.Tensor):
             continue
-        name = f"folded_{node.name}"
+        name = f"{FOLDED_PREFIX}{node.name}"
         folded_names.append(name)
         gm.register_buffer(name, value, persistent=False)  # get_attr targets must exist on gm
         with graph.inserting_before(node):

@@ -7,6 +7,8 @@ reads weights through `get_attr`, and shows attention as `trtllm::attention`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from trtllm.fusion.graph import strip_checks
@@ -14,7 +16,8 @@ from trtllm.kernels.errors import UnsupportedModelError
 from trtllm.lowering.spec import ModelSpec
 
 from .export import TracedModel, export
-from .hf import check_supported
+from .hf import check_supported, is_hf_model
+from .own import canonicalize_own, max_positions
 
 __all__ = ["TracedModel", "trace"]
 
@@ -36,7 +39,11 @@ def trace(model: torch.nn.Module, *, dtype: torch.dtype, device: torch.device) -
             f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {str(exc)[:2000]}"
         ) from exc
     strip_checks(graph_module)
+    if not is_hf_model(model):  # hand-written: its attention and positions made canonical here
+        canonicalize_own(graph_module, type(model).__name__)
     spec = _spec(model, graph_module)
+    if spec.max_position_embeddings is None:
+        spec = dataclasses.replace(spec, max_position_embeddings=max_positions(graph_module))
     return TracedModel(graph_module=graph_module, weights=weights, spec=spec)
 
 

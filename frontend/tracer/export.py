@@ -37,15 +37,19 @@ from . import hf
 class _CausalLM(torch.nn.Module):
     """`forward(input_ids, position_ids) -> logits`, whatever the model returns."""
 
-    def __init__(self, model: torch.nn.Module, takes_position_ids: bool):
+    def __init__(self, model: torch.nn.Module, takes_position_ids: bool, is_hf: bool):
         super().__init__()
         self.model = model
         self.takes_position_ids = takes_position_ids
+        self.is_hf = is_hf
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        if self.takes_position_ids:
+        if self.is_hf:
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        else:
+        elif self.takes_position_ids:  # a hand-written module: positional ids, positions by name
+            out = self.model(input_ids, position_ids=position_ids)
+        else:  # it numbers tokens itself (arange(S)): T of both inputs is one symbol
+            torch._check(position_ids.shape[1] == input_ids.shape[1])
             out = self.model(input_ids)
         return out if isinstance(out, torch.Tensor) else out.logits
 
@@ -94,13 +98,16 @@ def _takes_position_ids(model: torch.nn.Module) -> bool:
 
 def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
     """Run torch.export on the user's model; returns (graph_module, weights)."""
-    wrapper = _CausalLM(model, _takes_position_ids(model))
+    is_hf = hf.is_hf_model(model)
+    wrapper = _CausalLM(model, _takes_position_ids(model), is_hf)
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fake_state = _fake_state(wrapper, fake_mode, dtype, device)
     with fake_mode:
         ids = torch.zeros((1, 8), dtype=torch.long, device=device)  # [1, T]
         pos = torch.zeros((1, 8), dtype=torch.long, device=device)  # [1, T]
-    tokens = Dim("num_tokens", min=1)  # any packed step, and any [B, S] of __call__
+    # any packed step, and any [B, S] of __call__; a hand-written module may bound S itself
+    # (nanoGPT's `assert t <= block_size`), which a named Dim would refuse
+    tokens = Dim("num_tokens", min=1) if is_hf else Dim.DYNAMIC
     dynamic = {"input_ids": {1: tokens}, "position_ids": {1: tokens}}
     with warnings.catch_warnings():
         # torch.export's own pytree code warns about its own deprecated LeafSpec use.

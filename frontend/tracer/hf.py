@@ -53,6 +53,11 @@ def check_supported(model: torch.nn.Module) -> None:
         )
 
 
+def is_hf_model(model: torch.nn.Module) -> bool:
+    """Whether `model` has transformers configs whose attention the tracer can route."""
+    return bool(_configs(model))
+
+
 def _configs(model: torch.nn.Module) -> list:
     seen: dict[int, object] = {}
     for module in model.modules():
