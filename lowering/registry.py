@@ -132,6 +132,10 @@ def _cuda_impls() -> dict:
     )
     # Build time only (folded into the weights): the op itself, plain torch on the GPU.
     impls[ops.quantize_weight.default] = Impl("torch (build time)", ops.quantize_weight.default, devices=("cuda",))
+    # Collectives: their reference is the implementation, torch.distributed (NCCL on GPUs).
+    for name in ("all_reduce", "all_gather", "pipeline_send", "pipeline_recv", "pipeline_broadcast"):
+        op = getattr(ops, name).default
+        impls[op] = Impl("torch.distributed", op, devices=("cuda",))
     fused = {
         ops.rmsnorm_linear.default: (fused_linear.rmsnorm_linear_gemv, fused_linear.rmsnorm_linear_unfused),
         ops.add_rmsnorm_linear.default: (fused_linear.add_rmsnorm_linear_gemv, fused_linear.add_rmsnorm_linear_unfused),

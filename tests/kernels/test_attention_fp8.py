@@ -190,7 +190,7 @@ def assert_cache_within_one_step(cache, expected, share=1e-5):
     so a quotient next to a tie between two E4M3 values may round to the other one (seen on an
     H100: 8 of 14 million values)."""
     a, b = cache.float(), expected.float()
-    differ = a != b
+    differ = (a != b) & ~(a.isnan() & b.isnan())  # unwritten slots may hold NaN bits in both
     step = torch.maximum(a.abs(), b.abs()) * 2**-3 + 2**-9  # a normal value's step, or the subnormal one
     assert ((a - b).abs() <= step)[differ].all(), "a cache value is more than one E4M3 step off"
     assert differ.float().mean().item() <= share, f"{int(differ.sum())} of {a.numel()} cache values differ"
