@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
@@ -130,3 +131,14 @@ def linear_inputs(dtype, m_shape, k, n, bias=True, device="cpu"):
 
 def count_op(gm: torch.fx.GraphModule, op) -> int:
     return sum(n.target is op for n in gm.graph.nodes)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` loopback ports free at the time of the call (for servers the tests start)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports

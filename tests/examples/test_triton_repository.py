@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_ports
 
 import trtllm
 from trtllm.frontend.tiny import tiny_llama
@@ -38,20 +38,10 @@ def _backends(tmp_path: Path) -> Path:
     return backends
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def test_standalone_triton_serves_the_model_repository(tmp_path):
     llm = trtllm.compile(tiny_llama(), tokenizer=tiny_tokenizer(), max_seq_len=256)
     (ref,) = llm.generate(["Hello there"], trtllm.SamplingParams(max_new_tokens=12, ignore_eos=True))
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     server = Path(pytriton.__file__).parent / "tritonserver" / "bin" / "tritonserver"
     # The stub links libpython3.11 and PyTriton's bundled libraries; it imports trtllm from this
     # virtual environment.

@@ -6,10 +6,10 @@ exact tokens, text goes in and out with PyTriton's client, and bad requests fail
 from __future__ import annotations
 
 import queue
-import socket
 
 import numpy as np
 import pytest
+from conftest import free_ports
 from serve_helpers import fresh, offline, tiny_llm  # noqa: F401 (fixtures)
 
 import trtllm
@@ -23,19 +23,9 @@ from pytriton.client.exceptions import PyTritonClientInferenceServerError  # noq
 from trtllm.frontend.serve.triton import TritonConfig, TritonDeployment  # noqa: E402
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def triton(tiny_llm):
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     with TritonDeployment(fresh(tiny_llm), TritonConfig(http_port=http, grpc_port=grpc, metrics_port=metrics)) as d:
         yield d
 
