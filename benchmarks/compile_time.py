@@ -48,7 +48,7 @@ def compile_once(model: torch.nn.Module, args: argparse.Namespace) -> str:
         compiled = trtllm.compile(model, dtype=args.dtype, device=args.device, max_batch_size=1, max_seq_len=64)
         first_token = ""
     else:
-        bench = BenchConfig(model=args.shape, dtype=args.dtype, device=args.device)
+        bench = BenchConfig(model=args.shape, dtypes=(args.dtype,), device=args.device)
         compiled = trtllm.compile(model, dtype=args.dtype, device=args.device, max_batch_size=bench.max_batch_size,
                                   max_seq_len=bench.max_seq_len, max_num_tokens=bench.max_num_tokens)
         prompt = torch.randint(3, model.config.vocab_size, (1, 16)).tolist()
@@ -57,6 +57,9 @@ def compile_once(model: torch.nn.Module, args: argparse.Namespace) -> str:
             torch.cuda.synchronize()
         first_token = f" first_token_total={time.perf_counter() - start:.2f}"
     stages = " ".join(f"{k}={v:.2f}" for k, v in compiled.compile_stages.items())
+    captures = compiled.runtime.runner.capture_seconds
+    if captures:
+        stages += f" capture={sum(captures.values()):.2f} ({', '.join(f'{k} {v:.2f}' for k, v in captures.items())})"
     report = f"\n{format_report(compiled.pass_reports)}" if args.passes else ""
     return f"{stages} compile={compiled.compile_seconds:.2f}{first_token} s{report}"
 

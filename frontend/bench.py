@@ -238,7 +238,8 @@ def _compile(model, variant: str, config: BenchConfig, device: torch.device):
     assert len(first[0].token_ids) == 1
     return llm, {"load_to_first_token_s": round(time.perf_counter() - start, 2),
                  "compile_s": round(llm.compile_seconds, 2), "compile_stages_s": llm.compile_stages,
-                 "cuda_graphs": llm.runtime.runner.num_graphs, "kv_cache_blocks": llm.runtime.pool.num_blocks}
+                 "cuda_graphs": llm.runtime.runner.num_graphs, "capture_s": llm.runtime.runner.capture_seconds,
+                 "kv_cache_blocks": llm.runtime.pool.num_blocks}
 
 
 def _speed(llm, config: BenchConfig, vocab: int, stage) -> dict:

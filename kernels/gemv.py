@@ -90,8 +90,10 @@ def _gemv_config(block_m: int, block_n: int, block_k: int, num_warps: int, num_s
 # >= 512 programs at N >= 2048 (132 SMs) with no split over K: a second pass to add split-K partials
 # costs ~2 us per GEMM in a CUDA graph, 40% of a 2048 x 2048 GEMV. Up to 2 rows of x the
 # products run on the CUDA cores (BLOCK_M = 1, 2); from 3 rows tiles of 16 rows through tl.dot
-# mostly win (BLOCK_M = 16, loads pipelined through shared memory). Bucket 4 also tries the CUDA
-# cores on 4 rows, and on 2 tiles of 2 rows whose programs run side by side (w read once from HBM).
+# mostly win (BLOCK_M = 16, loads pipelined through shared memory). Bucket 4 also tries 2 tiles
+# of 2 rows on the CUDA cores whose programs run side by side (w read once from HBM). Buckets 2
+# and 4 keep the tiles that won some Llama shape there (gemv_2026-11-24_h100.json): each one
+# more is a Triton compile and a timing per shape while the decode graphs are captured.
 _GEMV_DOT_CONFIGS = [
     _gemv_config(16, 32, 128, 4, 3), _gemv_config(16, 32, 128, 4, 6), _gemv_config(16, 32, 256, 4, 4),
     _gemv_config(16, 32, 256, 4, 6), _gemv_config(16, 16, 256, 4, 4), _gemv_config(16, 16, 512, 4, 3),
@@ -100,8 +102,8 @@ _GEMV_CONFIGS: dict[int, list[triton.Config]] = {
     1: [_gemv_config(1, 4, 1024, 4), _gemv_config(1, 2, 1024, 4), _gemv_config(1, 1, 1024, 4),
         _gemv_config(1, 2, 2048, 8), _gemv_config(1, 1, 2048, 8), _gemv_config(1, 4, 2048, 8)],
     2: [_gemv_config(2, 4, 1024, 4), _gemv_config(2, 8, 512, 4), _gemv_config(2, 8, 256, 4),
-        _gemv_config(2, 16, 256, 4), _gemv_config(2, 2, 2048, 4), *_GEMV_DOT_CONFIGS[2:4]],
-    4: [_gemv_config(4, 4, 512, 4), _gemv_config(4, 2, 1024, 4), _gemv_config(2, 8, 512, 4), *_GEMV_DOT_CONFIGS],
+        _gemv_config(2, 16, 256, 4), *_GEMV_DOT_CONFIGS[2:4]],
+    4: [_gemv_config(2, 8, 512, 4), *_GEMV_DOT_CONFIGS[:4]],
     8: _GEMV_DOT_CONFIGS,
     16: _GEMV_DOT_CONFIGS,
 }

@@ -28,6 +28,7 @@ padding tokens after its sequence belong to none. Padding is never sampled.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -87,6 +88,8 @@ class ModelRunner:
         # Graphs and their outputs [rows, V] by (tokens, sequences): (b, b) for a decode bucket
         # of b, (t, 1) for a one-sequence step of t tokens.
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # seconds per captured shape ("decode 8", "prefill 2048"), its warm-up steps included
+        self.capture_seconds: dict[str, float] = {}
         self._graph_logits: dict[tuple[int, int], torch.Tensor] = {}
         self._greedy_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # by decode bucket: step + argmax + advance
 
@@ -213,10 +216,10 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         shapes = [(t, 1) for t in self.prefill_buckets[::-1]] + [(b, b) for b in self.buckets[::-1]]
         for shape in tqdm(shapes, desc="capturing CUDA graphs", disable=not progress, leave=False):
+            start = time.perf_counter()
             self._inputs.fill([], *shape)  # all padding: writes no cache slot
             inputs = {**self._inputs.inputs(*shape), **self._cache_inputs()}
-            for _ in range(2):  # compile and autotune every kernel outside the capture
-                self.engine(**inputs)
+            self.engine(**inputs)  # compiles and autotunes every kernel outside the capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -230,7 +233,9 @@ class ModelRunner:
                 with torch.cuda.graph(greedy, pool=pool):
                     self._greedy_tail(self.engine(**inputs))
                 self._greedy_graphs[tokens] = greedy
-        torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)
+            kind = "decode" if tokens == seqs else "prefill"
+            self.capture_seconds[f"{kind} {tokens}"] = round(time.perf_counter() - start, 3)
 
     @property
     def num_graphs(self) -> int:
