@@ -30,6 +30,7 @@ from test_attention_triton import (
     counters_are_zero,
     decode_step,
     device,
+    force_splits,
     paged_step,
 )
 
@@ -159,7 +160,7 @@ def test_triton_long_chunk_and_split_decode_fp8():
 def test_triton_rope_decode_fp8(splits, fused, monkeypatch):
     """rope_cached_attention on decodes: the one kernel (split decode: the new key rotated,
     rounded to E4M3 and written in the kernel) and the unfused kernels."""
-    monkeypatch.setattr(AT, "_decode_splits", lambda *args: splits)
+    force_splits(monkeypatch, splits)
     if not fused:
         monkeypatch.setenv("TRTLLM_DECODE_ATTENTION_FUSION", "0")
     scales = kv_scales(0.03, 0.01)
@@ -232,7 +233,7 @@ def test_cached_attention_gpu_fp8_llama_8b_shapes():
 def test_rope_decode_gpu_fp8_llama_8b_shapes(splits, monkeypatch):
     scales = kv_scales(4 / 448, 4 / 448)
     if splits is not None:
-        monkeypatch.setattr(AT, "_decode_splits", lambda *args: splits)
+        force_splits(monkeypatch, splits)
     *qkv, cache, cu, lens, tables, slots = decode_step([4000, 1, 2049, 700], dtype=torch.bfloat16,
                                                        heads=(32, 8), head_dim=128, rot_dim=128,
                                                        block_size=32)
