@@ -4,7 +4,8 @@ Triton's interpreter (the CPU tests) computes in numpy and cannot show what the 
 does to a kernel's arithmetic, such as contracting a product and a sum into one FMA. Run
 `launch_ptx` in a process that imported trtllm without TRITON_INTERPRET (tests use
 `ptx_of` below, which starts one): the launchers run on CPU tensors up to their kernel
-launches, which are compiled instead of run.
+launches, which are compiled instead of run. So the PTX is that of the launchers' CPU-tensor
+paths: no TMA descriptors, no PDL; the arithmetic of the kernels is the GPU's.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _compile(fn, args, kwargs) -> str:
 
 def _type(value) -> str:
     import torch
-    from triton._utils import type_canonicalisation_dict
+    from triton.runtime.jit import type_canonicalisation_dict
 
     if isinstance(value, torch.Tensor):
         return "*" + type_canonicalisation_dict[str(value.dtype).removeprefix("torch.")]
@@ -64,8 +65,9 @@ def _type(value) -> str:
 
 def ptx_of(code: str) -> list[tuple[str, str]]:
     """Run `code` (Python that defines `launch()`, with tests/kernels importable) in a fresh
-    process without TRITON_INTERPRET; returns `launch_ptx(launch)`."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    process without TRITON_INTERPRET and without a visible GPU (the launchers take the paths
+    of CPU tensors on any machine); returns `launch_ptx(launch)`."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"CUDA_VISIBLE_DEVICES": ""}
     script = f"{code}\nimport json, ptx\nprint(json.dumps(ptx.launch_ptx(launch)))\n"
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parent,
                             capture_output=True, text=True, timeout=600)
