@@ -1,11 +1,13 @@
 """Where one forward pass spends its GPU time: a kernel table per (shape, batch, context).
 
-    python benchmarks/profile_step.py [--shapes llama-3.2-1b:1:256,llama-3-8b:256:192] [--dtype fp8]
+    python benchmarks/profile_step.py [--shapes llama-3.2-1b:1:256,llama-3-8b:256:192] [--dtype fp8+kv_fp8]
 
 Each item is SHAPE:BATCH:CONTEXT: BATCH decode sequences, each CONTEXT tokens long, run
 eagerly from the decode buffers (the same kernels a CUDA graph replays) under torch.profiler;
 or SHAPE:prefill:TOKENS: one prompt of TOKENS tokens in one eager step. `--dtype` is the
-engine's (bf16, fp8, int8, int4). Weights are generated (trtllm.frontend.bench.make_model).
+engine's (bf16, fp8, int8, int4) with `trtllm bench`'s suffixes: +lm_head, +kv_fp8 (an E4M3
+KV cache, its scales calibrated on 4 prompts of 64 tokens). Weights are generated
+(trtllm.frontend.bench.make_model).
 """
 
 from __future__ import annotations
@@ -23,18 +25,22 @@ from torch.profiler import ProfilerActivity, profile
 
 import trtllm
 from trtllm.frontend.bench import make_model
+from trtllm.frontend.config import parse_dtype_variant
 from trtllm.runtime.scheduler import ScheduledSequence
 
 
-def profile_step(shape: str, batch: str, context: int, rows: int, dtype: str) -> None:
+def profile_step(shape: str, batch: str, context: int, rows: int, variant: str) -> None:
     """Profile decode steps of int(batch) sequences at `context`, or (batch "prefill") one
-    prefill step of `context` tokens."""
+    prefill step of `context` tokens; variant: a dtype with its suffixes (parse_dtype_variant)."""
     prefill = batch == "prefill"
     num_seqs = 1 if prefill else int(batch)
+    dtype, options = parse_dtype_variant(variant)
+    if "kv_cache_dtype" in options:
+        options["calibration_prompts"] = [[5 + (7 * i + j) % 1000 for j in range(64)] for i in range(4)]
     model = make_model(shape, torch.bfloat16, torch.device("cuda"))
     llm = trtllm.compile(model, dtype=dtype, max_batch_size=num_seqs, max_seq_len=max(2304, context + 64),
-                         max_num_tokens=max(2048, context), cuda_graphs=False)
-    print(f"\n=== {shape} {dtype}: {batch} {num_seqs}, context {context}; compile stages {llm.compile_stages}")
+                         max_num_tokens=max(2048, context), cuda_graphs=False, **options)
+    print(f"\n=== {shape} {variant}: {batch} {num_seqs}, context {context}; compile stages {llm.compile_stages}")
     print(llm.engine.describe_implementations())
     runner = llm.runtime.runner
     per = math.ceil(context / runner.pool.block_size)
@@ -98,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", default="llama-3.2-1b:1:256,llama-3-8b:1:256,llama-3-8b:256:192")
     parser.add_argument("--rows", type=int, default=18)
-    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--dtype", default="bf16", help="bf16, fp8, int8, int4, optionally +lm_head, +kv_fp8")
     args = parser.parse_args()
     for item in args.shapes.split(","):
         shape, batch, context = item.split(":")

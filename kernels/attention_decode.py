@@ -29,7 +29,7 @@ from .attention_tiles import LOG2E, _block_d, _cap, _load_paged_kv, _online_soft
 from .kv_quant import _quantize_kv, hw_cast, is_fp8
 from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
-from .rope import compute_dtype, rope_rows
+from .rope import EAGER_ROUNDING, compute_dtype, rope_rows
 
 # ---------------------------------------------------------------- decode
 
@@ -362,7 +362,7 @@ def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softca
         WINDOW=sliding_window > 0, SOFTCAP=softcap > 0, PRECISION=_precision(q), PDL=pdl,
         ROPE=rope, INTERLEAVED=bool(interleaved), COMPUTE=compute, FP8=fp8, HW_CAST=hw_cast(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        launch_pdl=pdl,
+        launch_pdl=pdl, **(EAGER_ROUNDING if rope else {}),  # the new key rotated as rope_ref does
     )
     if splits > 1 and not fold:
         _combine_kernel[(num_seqs, num_heads)](

@@ -5,7 +5,8 @@ references; this file only makes them fast on the GPU).
 Three kernels, launched from here, none of which needs a host copy of the step's metadata (so
 a step never waits on the GPU, and CUDA graphs can capture it):
 
-- `_write_kv_kernel`: new k, v -> their cache slots (slot < 0: skipped).
+- `_write_kv_kernel`: new k, v -> their cache slots (slot < 0: skipped); for an fp8 cache's
+  prefill also every token's k, v rounded as the cache holds them, for the prefill to read.
 - `_prefill_kernel`: FlashAttention over packed variable-length sequences. One program takes
   BLOCK_M queries of one sequence and one head. It first walks the sequence's earlier context in
   the paged cache (the part a chunked prefill computed in earlier steps), then the sequence's
@@ -20,7 +21,8 @@ Both attention kernels compute in float32 with exp2: p = 2^(s * log2(e) - m).
 
 An fp8 cache (FP8, kernels/kv_quant.py): the write rounds k / k_scale, v / v_scale to E4M3;
 the attention kernels read E4M3 tiles, take k_scale into the softmax scale and v_scale into the
-output, and round this step's new keys and values as the cache holds them.
+output, and attend over this step's new keys and values as the cache holds them: the prefill
+reads them rounded once by the write kernel, the decode rounds its one new token itself.
 """
 
 from __future__ import annotations
@@ -53,53 +55,64 @@ from .rope import rope_triton
 @triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, cache_ptr, slot_ptr, kv_scale_ptr,
+    k_out_ptr, v_out_ptr,  # ROUNDED only: dense [T, Hkv, D]
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ckv, stride_ch, stride_cp,
     block_size,
     HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr, FP8: tl.constexpr, HW_CAST: tl.constexpr,
+    PDL: tl.constexpr, FP8: tl.constexpr, HW_CAST: tl.constexpr, ROUNDED: tl.constexpr,
 ):
     pdl_start(PDL)  # before the early return: see kernels/pdl.py
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
-    if slot < 0:
-        return
-    block = slot // block_size
-    pos = slot % block_size
+    if not ROUNDED:
+        if slot < 0:
+            return
     offs_h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
     offs_d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
     mask = (offs_h < HKV) & (offs_d < D)
-    dst = cache_ptr + block * stride_cb + pos * stride_cp + offs_h * stride_ch + offs_d
     k = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
-    if FP8:  # on E4M3's grid in float32, so the cast below is exact
+    if FP8:  # on E4M3's grid in float32, so the casts below are exact
         k = _quantize_kv(k, tl.load(kv_scale_ptr), HW_CAST)
         v = _quantize_kv(v, tl.load(kv_scale_ptr + 1), HW_CAST)
+    if ROUNDED:  # every token's row, padding too: the prefill's key tiles read whole rows
+        row = t * (HKV * D) + offs_h * D + offs_d
+        tl.store(k_out_ptr + row, k.to(k_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_out_ptr + row, v.to(v_out_ptr.dtype.element_ty), mask=mask)
+    mask = mask & (slot >= 0)
+    dst = cache_ptr + (slot // block_size) * stride_cb + (slot % block_size) * stride_cp \
+        + offs_h * stride_ch + offs_d
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv_triton(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor,
-                    kv_scales: Tensor | None = None) -> None:
+                    kv_scales: Tensor | None = None,
+                    rounded: tuple[Tensor, Tensor] | None = None) -> None:
     """kv_cache[s // bs, 0|1, :, s % bs] = k|v[t] for s = slot_mapping[t] >= 0, in place (an
     fp8 cache: k / k_scale, v / v_scale rounded to E4M3, kv_scales = (k_scale, v_scale)).
 
     k, v: [T, Hkv, D] (last dim contiguous); kv_cache: [num_blocks, 2, Hkv, bs, D].
+    rounded: (k_out, v_out), contiguous [T, Hkv, D] of any float dtype: also every token's k
+    and v as the cache stores them (an fp8 cache: on E4M3's grid, which each float dtype holds
+    exactly), the tokens with slot < 0 too.
     """
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    assert rounded is None or all(t.shape == k.shape and t.is_contiguous() for t in rounded)
     pdl = pdl_enabled(k)
     fp8 = is_fp8(kv_cache)
     _write_kv_kernel[(num_tokens,)](
-        k, v, kv_cache, slot_mapping, kv_scales if fp8 else slot_mapping,
+        k, v, kv_cache, slot_mapping, kv_scales if fp8 else slot_mapping, *(rounded or (k, v)),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         kv_cache.shape[3],
         HKV=num_kv_heads, D=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, FP8=fp8, HW_CAST=hw_cast(),
-        launch_pdl=pdl,
+        ROUNDED=rounded is not None, launch_pdl=pdl,
     )
 
 
@@ -109,19 +122,18 @@ def write_kv_triton(kv_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor
 @triton.jit
 def _attend_new_keys(
     acc, l_i, m_i, q, offs_m, k_src, v_src, stride_kt, stride_vt, row0, col, start, end, q_len,
-    qk_scale, softcap, window, k_scale, v_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, FP8: tl.constexpr,
-    HW_CAST: tl.constexpr,
+    qk_scale, softcap, window, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Fold keys j in [start, end) of this step's tokens into the softmax of the queries
     offs_m. MASKED: j may reach q_len, and CAUSAL masks j > i; unmasked blocks (all j < q_len
     and below the block's first query) skip every mask but the window's.
 
     k_src, v_src: TMA descriptors over [tokens, Hkv * D] (USE_TMA; the block of key j0 is at
-    [row0 + j0, col]), else pointers to this sequence's key 0 of this head. FP8: the keys and
-    values rounded as the fp8 cache holds them (k / k_scale on E4M3's grid, exact in q's
-    dtype; qk_scale already holds k_scale)."""
+    [row0 + j0, col]), else pointers to this sequence's key 0 of this head. An fp8 cache's
+    prefill passes the keys and values as the cache holds them (k / k_scale on E4M3's grid,
+    exact in q's dtype: `write_kv_triton`'s `rounded`; qk_scale already holds k_scale)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for j0 in range(start, end, BLOCK_N):
@@ -139,9 +151,6 @@ def _attend_new_keys(
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
-        if FP8:
-            k = _quantize_kv(k, k_scale, HW_CAST).to(q.dtype)
-            v = _quantize_kv(v, v_scale, HW_CAST).to(q.dtype)
         s, f = _scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
         visible = None
         if MASKED:
@@ -184,7 +193,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, PAGED: tl.constexpr, SKIP_DECODES: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, FP8: tl.constexpr, HW_CAST: tl.constexpr,
+    USE_TMA: tl.constexpr, FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if CAUSAL:
@@ -214,12 +223,10 @@ def _prefill_kernel(
             + offs_d[None, :], mask=(offs_m[:, None] < q_len) & d_ok[None, :], other=0.0,
         )  # [M, D]
     q_pos = prefix + offs_m  # [M] absolute positions
-    k_scale = 1.0
     v_scale = 1.0
     if FP8:  # an fp8 cache: k_scale joins the softmax scale, v_scale the output
-        k_scale = tl.load(kv_scale_ptr)
+        qk_scale = qk_scale * tl.load(kv_scale_ptr)
         v_scale = tl.load(kv_scale_ptr + 1)
-        qk_scale = qk_scale * k_scale
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -252,14 +259,13 @@ def _prefill_kernel(
     if CAUSAL:
         acc, l_i, m_i = _attend_new_keys(
             acc, l_i, m_i, q, offs_m, k_src, v_src, stride_kt, stride_vt, q_begin, kvh * D, j_lo,
-            m0, q_len, qk_scale, softcap, window, k_scale, v_scale, D, BLOCK_D, BLOCK_N, False,
-            False, WINDOW, SOFTCAP, PRECISION, USE_TMA, FP8, HW_CAST)
+            m0, q_len, qk_scale, softcap, window, D, BLOCK_D, BLOCK_N, False, False, WINDOW,
+            SOFTCAP, PRECISION, USE_TMA)
         j_lo = m0
     acc, l_i, m_i = _attend_new_keys(
         acc, l_i, m_i, q, offs_m, k_src, v_src, stride_kt, stride_vt, q_begin, kvh * D, j_lo,
         tl.minimum(m0 + BLOCK_M, q_len) if CAUSAL else q_len, q_len, qk_scale, softcap, window,
-        k_scale, v_scale, D, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PRECISION, USE_TMA,
-        FP8, HW_CAST)
+        D, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PRECISION, USE_TMA)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     if FP8:
@@ -330,7 +336,7 @@ def _prefill(q, k, v, out, cu, kv_lens, cache, tables, num_seqs, max_q_len, *, b
         BLOCK_M=block_m, BLOCK_N=block_n, VARLEN=not batched, PAGED=paged,
         SKIP_DECODES=skip_decodes, CAUSAL=causal, WINDOW=causal and sliding_window > 0,
         SOFTCAP=softcap > 0, PRECISION=_precision(q), USE_TMA=use_tma, FP8=fp8,
-        HW_CAST=hw_cast(), num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -377,16 +383,23 @@ def cached_attention_triton(
     [T, Hkv, D], kv_cache [num_blocks, 2, Hkv, bs, D] (written in place; fp8 with kv_scales
     [2]) -> [T, H, D]."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    write_kv_triton(kv_cache, k, v, slot_mapping, kv_scales)
     num_seqs = seq_lens_kv.shape[0]
     # As many tokens as sequences: all decodes (AttentionMetadata.build checks it), so every
     # row is written by the decode kernel and there is no prefill to launch.
     decodes_only = q.shape[0] == num_seqs
+    # An fp8 cache's prefill attends over this step's keys and values as the cache holds them:
+    # the write rounds them once for it, into q's dtype (exact), so that the prefill's loop is
+    # the float cache's. Rounding them in that loop repeated the IEEE division for every query
+    # block and every query head of a group.
+    rounded = None
+    if is_fp8(kv_cache) and not decodes_only:
+        rounded = tuple(torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (k, v))  # [T, Hkv, D]
+    write_kv_triton(kv_cache, k, v, slot_mapping, kv_scales, rounded)
     out = (torch.empty if decodes_only else torch.zeros)(q.shape, dtype=q.dtype, device=q.device)  # padding rows stay zero
     if num_seqs == 0 or q.shape[0] == 0:
         return out
     if not decodes_only:
-        _prefill(q, k, v, out, cu_seqlens_q, seq_lens_kv, kv_cache, block_tables, num_seqs, None,
+        _prefill(q, *(rounded or (k, v)), out, cu_seqlens_q, seq_lens_kv, kv_cache, block_tables, num_seqs, None,
                  batched=False, scale=scale, causal=causal, sliding_window=sliding_window,
                  softcap=softcap, skip_decodes=True, kv_scales=kv_scales)
     # A decode's one query sits last in its context: causal or not, it sees every key.

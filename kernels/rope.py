@@ -15,7 +15,11 @@ equals HF bit for bit; the arithmetic runs in the promoted dtype of its inputs.
 
 On CUDA tensors the op runs a Triton kernel (`rope_triton`, registered as its CUDA kernel): one
 program per token rotates every head of q and k, reading q and k through their strides, and
-rounds each product and sum as eager does, so it matches the reference bit for bit too.
+rounds each product and sum as eager does, so it matches the reference bit for bit too. That
+takes compiling it without FMA contraction (`EAGER_ROUNDING`): with it, the compiler fuses
+t * cos + rotate(t) * sin into one fma.rn.bf16 (sm_90 PTX), which skips the rounding of one
+product; on an H100 a quarter of the bf16 results came out 1 ulp of the operands away, and
+where the sum cancels, an fp8 cache's rotated key several E4M3 steps away.
 `rope_rows` is the same formula for other kernels to inline: the decode kernel of
 `trtllm::rope_cached_attention` rotates q and the new key with it (kernels/attention_triton.py).
 """
@@ -84,6 +88,9 @@ def rope(
 # ---------------------------------------------------------------- the Triton kernel
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# Launch options of every kernel that rotates with `_rope_heads` or `rope_rows`: no FMA
+# contraction, so each product and sum rounds (mul.rn, add.rn) as eager's separate ops do.
+EAGER_ROUNDING = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -140,7 +147,8 @@ def rope_rows(row_ptrs, rows_ok, cos_ptr, sin_ptr, head_dim, rot_dim, COMPUTE: t
     Each element d < Drot pairs with p(d) (d ^ 1 if INTERLEAVED, else d +- Drot/2) and
     becomes t_d c_d + sign(d) t_p(d) s_d, sign -1 on the first of each pair: the formula of
     `_rope_heads`, with each product and the sum rounded to COMPUTE as there, so that the
-    two give the same bits (negation and round-to-nearest commute)."""
+    two give the same bits (negation and round-to-nearest commute); launch the kernel that
+    inlines it with `EAGER_ROUNDING`."""
     d = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
     rot = d < rot_dim
     if INTERLEAVED:
@@ -254,7 +262,7 @@ def rope_triton(
         BLOCK_QH=block_qh, BLOCK_KH=triton.next_power_of_2(max(num_k_heads, 1)),
         BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(num_pass) if num_pass > 0 else 0,
         PDL=pdl, num_warps=4 if block_qh * block_half <= 2048 else 8,  # the q tile: 2 x [H, Drot/2]
-        launch_pdl=pdl,
+        launch_pdl=pdl, **EAGER_ROUNDING,
     )
     return q_out, k_out
 

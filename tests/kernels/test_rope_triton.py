@@ -4,13 +4,18 @@ On CPU it runs through Triton's interpreter (tests/conftest.py) on tiny shapes i
 float16; the GPU tests use Llama-8B-sized q/k in bfloat16 and float16. The kernel rounds each
 product and the sum to the promoted dtype as eager does, and with cos/sin in q's dtype (as HF
 hands them over) a 16-bit product is exact in float32, so through the interpreter the results
-are bit-equal to the reference (tolerance: none). On the H100 about a quarter of the bf16
-elements came out 1 ulp away (2026-11-24): the compiler drops some of the intermediate
-roundings; the GPU tests allow 1 ulp of the operands.
+are bit-equal to the reference (tolerance: none), on the GPU too. There the kernels launch
+without FMA contraction (rope.EAGER_ROUNDING): with it, an H100 put about a quarter of the bf16
+elements 1 ulp of the operands away (2026-11-24: the compiler fused a product into the sum,
+dropping its rounding). `test_kernels_that_rotate_compile_without_fma` checks the sm_90 PTX
+on CPU.
 """
+
+import re
 
 import pytest
 import torch
+from ptx import ptx_of
 
 import trtllm.kernels.rope as R
 
@@ -40,17 +45,12 @@ def cos_sin(rot, dtype, interleaved, batch=B, seq_len=S, device="cpu"):
     return freqs.cos().to(dtype).to(device), freqs.sin().to(dtype).to(device)
 
 
-# GPU: 1 ulp of operands of magnitude up to ~8 (q * 2, |cos| <= 1): 2^-7 * 8 for bf16.
-GPU_TOL = {torch.bfloat16: dict(atol=2**-4, rtol=2**-7), torch.float16: dict(atol=2**-7, rtol=2**-10)}
-
-
 def assert_same_new(actual, expected, *inputs):
-    """Bit-equal (within 1 ulp on the GPU), and new contiguous tensors of the reference's dtype."""
+    """Bit-equal, and new contiguous tensors of the reference's dtype."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     assert actual.is_contiguous()
     assert actual.data_ptr() not in {t.data_ptr() for t in inputs}
-    tol = GPU_TOL[actual.dtype] if actual.is_cuda else dict(atol=0, rtol=0)
-    torch.testing.assert_close(actual, expected, **tol)
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
 
 
 def check(q, k, cos, sin, interleaved):
@@ -101,6 +101,42 @@ def test_rope_triton_of_no_tokens():
     q, k = qk(torch.float32, seq_len=0)
     q_out, k_out = R.rope_triton(q, k, *cos_sin(D, torch.float32, False, seq_len=0), False)
     assert q_out.shape == (B, H, 0, D) and k_out.shape == (B, HKV, 0, D)
+
+
+# ---------------------------------------------------------------- the GPU's code, compiled here
+
+LAUNCHES = """
+import torch
+import trtllm.kernels.attention_triton as AT
+import trtllm.kernels.rope as R
+from test_attention_triton import decode_step
+
+def launch():
+    q, k = (torch.randn(1, heads, 3, 128, dtype=torch.bfloat16) for heads in (32, 8))
+    cos, sin = (torch.randn(1, 3, 128, dtype=torch.bfloat16) for _ in range(2))
+    R.rope_triton(q, k, cos, sin, False)
+    inputs = decode_step([600], 0, torch.bfloat16, (32, 8), 128, rot_dim=128)
+    AT.rope_cached_attention_triton(*inputs, 0, 128**-0.5, True, -1, 0.0)  # a split decode: one kernel
+    q, k, v, _, _, _, cache, *meta = inputs
+    AT.cached_attention_triton(q, k, v, cache, *meta, 0, 128**-0.5, True, -1, 0.0)
+"""
+
+
+def fma_count(ptx):
+    return len(re.findall(r"^\s*fma\.", ptx, re.MULTILINE))
+
+
+def test_kernels_that_rotate_compile_without_fma():
+    """The sm_90 PTX of the launches the GPU makes (Llama-3-8B heads, bf16): rope and the decode
+    kernel that rotates have no FMA, so each product rounds as in eager (with contraction, the
+    H100 put a quarter of bf16 results 1 ulp of the operands off); the decode kernel without
+    rope keeps its FMAs, which shows the check sees them."""
+    launches = ptx_of(LAUNCHES)
+    assert [name for name, _ in launches] == ["_rope_kernel", "_decode_kernel", "_write_kv_kernel",
+                                              "_decode_kernel"]
+    fmas = [fma_count(ptx) for _, ptx in launches]  # rope, rope + decode, KV write, decode
+    assert fmas[0] == fmas[1] == 0 < fmas[3], fmas
+    assert launches[0][1].count("mul.rn.bf16") > 0  # the products, each rounded to bf16
 
 
 # ---------------------------------------------------------------- GPU
