@@ -53,7 +53,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import gemm as G
-from .fp8_gemv import FP8_GEMV_MAX_TOKENS, _quantize_e4m3, _row_scale, first_fp8_gemv_config, fp8_gemm_gemv
+from .e4m3 import _quantize_e4m3, _row_scale
+from .errors import OpInputError
+from .fp8_gemv import FP8_GEMV_MAX_TOKENS, first_fp8_gemv_config, fp8_gemm_gemv
 from .gemm import ACTIVATIONS, PLAN_TOKEN_COUNTS, check_plan_args
 from .wo_gemm import MAX_GROUP, MIN_GROUP, lowbit_gemm, pack_int4, pack_int8
 
@@ -90,7 +92,7 @@ def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     scale [..., 1] float32), contiguous.
     """
     if x.dim() == 0 or x.shape[-1] == 0 or x.dtype not in OUT_DTYPES:
-        raise ValueError(
+        raise OpInputError(
             f"quantize_fp8: x must be [..., K] with K > 0 in one of {OUT_DTYPES}, got {tuple(x.shape)} {x.dtype}"
         )
     return torch.ops.trtllm.quantize_fp8(x)
@@ -242,30 +244,30 @@ def fp8_gemm(x: Tensor, x_scale: Tensor | None, w_fp8: Tensor, w_scale: Tensor, 
 
 
 def check_fp8_gemm_args(op: str, x, x_scale, w_fp8, w_scale, bias, act, out_dtype) -> None:
-    """ValueError naming the first argument that does not fit fp8_gemm's contract."""
+    """OpInputError naming the first argument that does not fit fp8_gemm's contract."""
     if act not in ACTIVATIONS:
-        raise ValueError(f"{op}: act={act!r} is not one of {sorted(ACTIVATIONS)}")
+        raise OpInputError(f"{op}: act={act!r} is not one of {sorted(ACTIVATIONS)}")
     if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"{op}: out_dtype={out_dtype} is not one of {OUT_DTYPES}")
+        raise OpInputError(f"{op}: out_dtype={out_dtype} is not one of {OUT_DTYPES}")
     if x_scale is None and x.dtype not in OUT_DTYPES:
-        raise ValueError(f"{op}: with x_scale None x is quantized inside and must be one of {OUT_DTYPES}, "
+        raise OpInputError(f"{op}: with x_scale None x is quantized inside and must be one of {OUT_DTYPES}, "
                          f"got {x.dtype} (pass an fp8 x with its x_scale)")
     if x_scale is not None and x.dtype != FP8_DTYPE:
-        raise ValueError(f"{op}: x must be {FP8_DTYPE} where x_scale is given (quantize it first, or pass "
+        raise OpInputError(f"{op}: x must be {FP8_DTYPE} where x_scale is given (quantize it first, or pass "
                          f"x_scale None to quantize it inside), got {x.dtype}")
     if w_fp8.dtype != FP8_DTYPE:
-        raise ValueError(f"{op}: w_fp8 must be {FP8_DTYPE} (quantize it first), got {w_fp8.dtype}")
+        raise OpInputError(f"{op}: w_fp8 must be {FP8_DTYPE} (quantize it first), got {w_fp8.dtype}")
     if x.dim() == 0 or w_fp8.dim() != 2 or x.shape[-1] != w_fp8.shape[1]:
-        raise ValueError(f"{op}: x must be [..., K] and w_fp8 [N, K], got {tuple(x.shape)}, {tuple(w_fp8.shape)}")
+        raise OpInputError(f"{op}: x must be [..., K] and w_fp8 [N, K], got {tuple(x.shape)}, {tuple(w_fp8.shape)}")
     n = w_fp8.shape[0]
     expected = {"w_scale": (w_scale, (n,))}
     if x_scale is not None:
         expected["x_scale"] = (x_scale, (*x.shape[:-1], 1))
     for name, (t, shape) in expected.items():
         if t.dtype != torch.float32 or tuple(t.shape) != shape:
-            raise ValueError(f"{op}: {name} must be float32 {list(shape)}, got {tuple(t.shape)} {t.dtype}")
+            raise OpInputError(f"{op}: {name} must be float32 {list(shape)}, got {tuple(t.shape)} {t.dtype}")
     if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
-        raise ValueError(f"{op}: bias must be floating [N] = [{n}], got {tuple(bias.shape)} {bias.dtype}")
+        raise OpInputError(f"{op}: bias must be floating [N] = [{n}], got {tuple(bias.shape)} {bias.dtype}")
 
 
 def _quantized(x: Tensor, x_scale: Tensor | None) -> tuple[Tensor, Tensor]:

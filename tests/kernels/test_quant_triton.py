@@ -4,7 +4,7 @@ references.
 quantize_fp8_triton and fp8_gemm_gemv's prologue (x_scale None) do the reference's float32
 operations and round on E4M3's grid themselves, so on CPU (Triton's interpreter,
 tests/conftest.py) they match it bit for bit, ties included; on a GPU they match each other bit
-for bit, and the reference but for few values one E4M3 step off (fp8_gemv._quantize_e4m3). The
+for bit, and the reference but for few values one E4M3 step off (e4m3._quantize_e4m3). The
 FP8 GEMMs differ from fp8_gemm_ref by summation order (float32: 1e-4) and one rounding of the
 output (16-bit: 1e-2). The interpreter's bfloat16 tl.dot is wrong, but e4m3 operands go through
 tl.dot as float16, so every path is checked on CPU. The GPU tests use Llama-3-8B decode shapes.
@@ -259,7 +259,7 @@ def cpu_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def assert_rare_one_step_differences(q, q_ref):
     """q against the reference's values: equal but for few that are one step of E4M3 off, the
-    kernels' x / scale being div.full.f32 (fp8_gemv._quantize_e4m3). Where a row's scale has few
+    kernels' x / scale being div.full.f32 (e4m3._quantize_e4m3). Where a row's scale has few
     significant bits, quotients of bf16 values fall exactly on ties between E4M3 values, and
     div.full breaks some of those the other way. Measured on an H100 (Triton 3.6): under 0.01%
     of the values at K = 4096, 0.08% (16 rows) and 0.18% (4 rows) at K = 14336."""
