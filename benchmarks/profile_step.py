@@ -6,6 +6,9 @@ Each item is SHAPE:BATCH:CONTEXT: BATCH decode sequences, each CONTEXT tokens lo
 eagerly from the decode buffers (the same kernels a CUDA graph replays) under torch.profiler;
 or SHAPE:prefill:TOKENS: one prompt of TOKENS tokens in one eager step. `--dtype` is the
 engine's (bf16, fp8, int8, int4). Weights are generated (trtllm.frontend.bench.make_model).
+Environment switches apply as in a compile: `TRTLLM_FP8_NORM_FUSION=0` with `--dtype fp8` runs
+the norms and silu_mul apart from the quantization of their outputs (a `_quantize_fp8_kernel`
+before each of those fp8 GEMMs), for comparison with the fused default.
 """
 
 from __future__ import annotations
