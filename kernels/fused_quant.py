@@ -181,7 +181,9 @@ def silu_mul_quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # Rows up to this many outputs are held whole in registers (one pass over the row); wider ones
-# take two passes of _ROW_STEP columns (amax, then quantize what it recomputes, from L2).
+# take two passes of _ROW_STEP columns (amax, then quantize what it recomputes, from L2). One
+# program a row, up to 16 warps (Llama-3-8B's F = 14336: 32 values of gate and of up a thread),
+# at least two values a thread (the E4M3 conversion takes pairs).
 _MAX_WHOLE_ROW = 16384
 _ROW_STEP = 4096
 
@@ -245,7 +247,7 @@ def silu_mul_quantize_fp8_triton(x: Tensor) -> tuple[Tensor, Tensor]:
     pdl = pdl_enabled(x)
     _silu_mul_quantize_kernel[(rows.shape[0],)](
         rows, q, scale, width, rows.stride(0), BLOCK=block, WHOLE_ROW=whole_row,
-        HW_CAST=not triton.knobs.runtime.interpret, PDL=pdl, num_warps=min(16, max(4, block // 1024)),
+        HW_CAST=not triton.knobs.runtime.interpret, PDL=pdl, num_warps=min(16, max(1, block // 512)),
         launch_pdl=pdl,
     )
     return q, scale
