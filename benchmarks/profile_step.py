@@ -7,7 +7,10 @@ eagerly from the decode buffers (the same kernels a CUDA graph replays) under to
 or SHAPE:prefill:TOKENS: one prompt of TOKENS tokens in one eager step. `--dtype` is the
 engine's (bf16, fp8, int8, int4) with `trtllm bench`'s suffixes: +lm_head, +kv_fp8 (an E4M3
 KV cache, its scales calibrated on 4 prompts of 64 tokens). Weights are generated
-(trtllm.frontend.bench.make_model).
+(trtllm.frontend.bench.make_model). Environment switches apply as in a compile:
+`TRTLLM_FP8_NORM_FUSION=0` with `--dtype fp8` runs the norms and silu_mul apart from the
+quantization of their outputs (a `_quantize_fp8_kernel` before each of those fp8 GEMMs), for
+comparison with the fused default.
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ Each pass is `GraphModule -> int` (rewrites made, the graph changed in place) in
 
     canonicalize  ->  user patterns  ->  fuse  ->  [quantize]  ->  [shard]  ->  gather_logits
                   ->  insert_kv_cache  ->  rope_attention  ->  [kv_cache_fp8]  ->  [split_pipeline]
-                  ->  [decode_gemv]
+                  ->  [fp8_activations]  ->  [decode_gemv]
 
 quantize runs only for a quantized dtype ("fp8", "int8", "int4"); shard only for tensor
 parallelism (one rank's share of the graph); kv_cache_fp8 only for kv_cache_dtype "fp8";
-split_pipeline only for pipeline parallelism (one stage's layers); decode_gemv only on request,
+split_pipeline only for pipeline parallelism (one stage's layers); fp8_activations only for
+"fp8" (unless `TRTLLM_FP8_NORM_FUSION=0`); decode_gemv only on request,
 `TRTLLM_DECODE_FUSION=1` (norms) or `=all` (gated activations too).
 
 `TRTLLM_DUMP_DIR=dir` writes the graph after every pass (`NN_<pass>.txt`).
@@ -30,6 +31,7 @@ from trtllm.kernels import envs
 from .add_rmsnorm import fuse_add_rmsnorm
 from .attention import canonicalize_eager_attention, canonicalize_sdpa
 from .decode_gemv import fuse_decode_gemv
+from .fp8_activations import quantize_fp8_activations
 from .gated_mlp import fuse_gated_mlp
 from .gather_logits import gather_logits
 from .gemm_act import fuse_gemm_act
@@ -87,6 +89,9 @@ ROPE_ATTENTION: tuple[tuple[str, Pass], ...] = (("rope_attention", fuse_rope_att
 # program lost more than the activation kernel it removed.
 # An FP8 cache (kv_cache_dtype "fp8"): float8_e4m3fn caches, each attention reading its layer's scales.
 KV_CACHE_FP8: tuple[tuple[str, Pass], ...] = (("kv_cache_fp8", quantize_kv_cache),)
+# dtype "fp8", on the step graph: the norm or silu_mul before fp8 GEMMs quantizes its output in
+# its own kernel, so no quantization kernel (nor the decode GEMV's prologue) runs for them.
+FP8_ACTIVATIONS: tuple[tuple[str, Pass], ...] = (("fp8_activations", quantize_fp8_activations),)
 DECODE: dict[str, tuple[tuple[str, Pass], ...]] = {
     "off": (),
     "norms": (("decode_gemv", fuse_decode_gemv),),  # rmsnorm / add_rmsnorm + linear -> one op
@@ -132,11 +137,12 @@ def pipeline(patterns: Iterable[Pattern] = (), quantization: str | None = None,
     step = STEP if tensor_parallel[1] == 1 else shard_step(*tensor_parallel)
     rope_attention = ROPE_ATTENTION if envs.rope_attention() else ()
     kv_fp8 = KV_CACHE_FP8 if kv_cache_fp8 else ()
+    fp8_activations = FP8_ACTIVATIONS if quantization == "fp8" and envs.fp8_activation_fusion() else ()
     stage, num_stages = pipeline_parallel
     split = () if num_stages == 1 else (
         ("split_pipeline", functools.partial(split_pipeline, stage=stage, num_stages=num_stages)),)
     return [*CANONICALIZE, *pattern_passes(patterns), *FUSE, *quantize, *step, *rope_attention, *kv_fp8, *split,
-            *DECODE[envs.decode_fusion()]]
+            *fp8_activations, *DECODE[envs.decode_fusion()]]
 
 
 def shard_step(rank: int, world_size: int) -> tuple[tuple[str, Pass], ...]:

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .errors import OpInputError
 from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
 
@@ -163,7 +164,7 @@ def _launch_act_mul(x: Tensor, activation: str) -> Tensor:
 
 def _check_gated(op: str, x: Tensor) -> None:
     if x.dim() == 0 or x.shape[-1] % 2 or not x.is_floating_point():
-        raise ValueError(
+        raise OpInputError(
             f"{op}: x must be a floating tensor [..., 2F] (gate, then up) with an even last "
             f"dim, got {tuple(x.shape)} {x.dtype}"
         )

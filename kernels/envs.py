@@ -50,3 +50,10 @@ def tensorrt_root() -> Path | None:
     C++ plugins of plugins_cpp/tensorrt (plugins_cpp/tensorrt_plugins.py)."""
     value = os.environ.get("TENSORRT_ROOT")
     return Path(value) if value else None
+
+
+def fp8_activation_fusion() -> bool:
+    """`TRTLLM_FP8_NORM_FUSION=0` leaves the norms and silu_mul before fp8 GEMMs apart from the
+    activations' quantization (the fp8_activations pass, fusion/fp8_activations.py, out of the
+    pipeline: fp8_gemm quantizes its float x itself), for comparison; on by default."""
+    return os.environ.get("TRTLLM_FP8_NORM_FUSION", "1") != "0"

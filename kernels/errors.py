@@ -22,3 +22,8 @@ class ConfigError(TrtllmError):
 
 class RequestError(TrtllmError):
     """An invalid request: empty prompt, token outside the vocabulary, too long, ..."""
+
+
+class OpInputError(TrtllmError, ValueError):
+    """An op called with inputs outside its contract (shape, dtype, an option): the message names
+    the op and the argument. Also a ValueError, which the ops' checks raised before it existed."""

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fp8_gemv import _cvt_e4m3, _round_to_e4m3
+from .e4m3 import _cvt_e4m3, _round_to_e4m3
 
 KV_CACHE_FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # E4M3's largest finite value
@@ -64,7 +64,7 @@ def check_kv_scales(op: str, kv_cache: Tensor, kv_scales: Tensor | None) -> None
 
 def hw_cast() -> bool:
     """Whether kernels round to E4M3 by the GPU's conversion (not under Triton's interpreter,
-    whose cast rounds wrongly: fp8_gemv._round_to_e4m3 instead)."""
+    whose cast rounds wrongly: e4m3._round_to_e4m3 instead)."""
     return not triton.knobs.runtime.interpret
 
 

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .e4m3 import _quantize_e4m3, _row_scale
+from .errors import OpInputError
 from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
 
@@ -55,16 +57,18 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @triton.jit
 def _rmsnorm_kernel(
-    x_ptr, residual_ptr, s_ptr, weight_ptr, y_ptr,  # x, residual: [M, H] rows; the rest dense
+    x_ptr, residual_ptr, s_ptr, weight_ptr, y_ptr, scale_ptr,  # x, residual: [M, H] rows; the rest dense
     num_rows, hidden, stride_x, stride_residual, eps,
-    HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, GEMMA: tl.constexpr, QUANTIZE: tl.constexpr, Y_DTYPE: tl.constexpr,
+    HW_CAST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """ROWS rows of y = rmsnorm(x [+ residual]) per program, the whole row in registers.
 
     Llama: y = (h * rstd).to(x.dtype) * w;  Gemma (GEMMA): y = h * rstd * (1 + w);  with
     rstd = rsqrt(mean(h^2) + eps) and h = x.float(), or with a residual
-    h = s.float() where s = (x + residual).to(s.dtype) is stored too.
+    h = s.float() where s = (x + residual).to(s.dtype) is stored too. y is rounded to Y_DTYPE;
+    QUANTIZE: y_ptr gets quantize_fp8's E4M3 values of that rounded y instead, scale_ptr its
+    per-row scales (e4m3.py's operations, as quantize_fp8_triton does them).
     """
     pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
@@ -88,6 +92,12 @@ def _rmsnorm_kernel(
         y = h * rstd[:, None] * (1.0 + w[None, :])
     else:
         y = (h * rstd[:, None]).to(norm_dtype).to(tl.float32) * w[None, :]
+    y = y.to(Y_DTYPE)  # the norm's output (zero outside the row)
+    if QUANTIZE:  # quantize_fp8 of that output, per row
+        y = y.to(tl.float32)
+        scale = _row_scale(tl.max(tl.abs(y), axis=1))  # [ROWS]
+        tl.store(scale_ptr + rows, scale, mask=rows < num_rows)
+        y = _quantize_e4m3(y, scale[:, None], HW_CAST)  # [ROWS, BLOCK], on E4M3's grid
     tl.store(y_ptr + dense, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -132,7 +142,7 @@ def add_rmsnorm(
     x, residual: [..., H] of one shape; weight: [H]. Both outputs are new tensors.
     """
     if x.shape != residual.shape:
-        raise ValueError(
+        raise OpInputError(
             f"add_rmsnorm: x {tuple(x.shape)} and residual {tuple(residual.shape)} must have "
             "the same shape"
         )
@@ -149,7 +159,7 @@ def add_rmsnorm_triton(
     y_dtype = torch.promote_types(weight.dtype, s_dtype)
     if not _triton_dtypes(x.dtype, residual.dtype, weight.dtype, y_dtype):
         return add_rmsnorm_ref(x, residual, weight, eps)
-    return _launch_rmsnorm(x, residual, weight, eps, y_dtype, gemma=False)
+    return _launch_rmsnorm(x, residual, weight, eps, y_dtype, gemma=False)[:2]
 
 
 # ---------------------------------------------------------------- trtllm::gemma_rmsnorm
@@ -195,31 +205,35 @@ def gemma_rmsnorm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def _launch_rmsnorm(
     x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, y_dtype: torch.dtype,
-    gemma: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """(y, s) of `_rmsnorm_kernel`; s = x + residual, None without a residual."""
+    gemma: bool, quantize: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(y, s, y_scale) of `_rmsnorm_kernel`: s = x + residual, None without a residual; with
+    `quantize`, y is the E4M3 quantization of the norm's y_dtype output and y_scale [..., 1]
+    float32 its per-row scale (quantize_fp8's), else y_scale is None."""
     hidden = x.shape[-1]
     x_rows = _rows(x)  # [M, H]
     residual_rows = None if residual is None else _rows(residual)  # [M, H]
-    y = torch.empty(x.shape, dtype=y_dtype, device=x.device)  # [..., H]
+    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn if quantize else y_dtype, device=x.device)  # [..., H]
+    y_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device) if quantize else None
     s = None
     if residual is not None:
         s = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype),
                         device=x.device)  # [..., H]
     num_rows = x_rows.shape[0]
     if num_rows == 0:
-        return y, s
+        return y, s, y_scale
     rows_per_program, block, num_warps = _row_tiling(hidden)
     grid = (triton.cdiv(num_rows, rows_per_program),)
     pdl = pdl_enabled(x)
     _rmsnorm_kernel[grid](
-        x_rows, residual_rows, s, weight.contiguous(), y,
+        x_rows, residual_rows, s, weight.contiguous(), y, y_scale,
         num_rows, hidden, x_rows.stride(0),
         0 if residual_rows is None else residual_rows.stride(0), eps,
-        HAS_RESIDUAL=residual is not None, GEMMA=gemma, ROWS=rows_per_program, BLOCK=block,
+        HAS_RESIDUAL=residual is not None, GEMMA=gemma, QUANTIZE=quantize, Y_DTYPE=_TL_DTYPES[y_dtype],
+        HW_CAST=not triton.knobs.runtime.interpret, ROWS=rows_per_program, BLOCK=block,
         PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
     )
-    return y, s
+    return y, s, y_scale
 
 
 # ---------------------------------------------------------------- trtllm::layernorm
@@ -302,6 +316,7 @@ def layernorm_triton(
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def _triton_dtypes(*dtypes: torch.dtype) -> bool:
@@ -337,14 +352,14 @@ def _row_tiling(hidden: int) -> tuple[int, int, int]:
 def _check_norm_args(op: str, x: Tensor, *params: Tensor | None) -> None:
     """x is floating [..., H] with H > 0 and every given parameter is floating [H]."""
     if x.dim() == 0 or x.shape[-1] == 0 or not x.is_floating_point():
-        raise ValueError(
+        raise OpInputError(
             f"{op}: x must be a floating tensor [..., H] with H > 0, got {tuple(x.shape)} "
             f"{x.dtype}"
         )
     hidden = x.shape[-1]
     for param in params:
         if param is not None and (param.shape != (hidden,) or not param.is_floating_point()):
-            raise ValueError(
+            raise OpInputError(
                 f"{op}: {'weight and bias' if len(params) > 1 else 'weight'} must be floating "
                 f"[{hidden}] for x {tuple(x.shape)}, "
                 f"got {tuple(param.shape)} {param.dtype}"

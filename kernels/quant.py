@@ -14,7 +14,9 @@ float with x_scale None: then it quantizes x per token itself, by quantize_fp8's
 reference is quantize_fp8_ref, then the same GEMM). The quantize pass emits the second form,
 one node per linear layer, so that at decode no separate quantization kernel runs: on an H100
 the 4 x 32 quantize_fp8 launches of a Llama-3-8B token cost 0.37 ms next to its 3.0 ms of fp8
-GEMMs. Its CUDA implementations:
+GEMMs. Where a norm or silu_mul makes x, the fp8_activations pass (fusion/fp8_activations.py)
+then gives fp8_gemm the first form from that kernel, quantized there (fused_quant.py). Its CUDA
+implementations:
 
 - `fp8_gemm_gemv` (fp8_gemv.py): the decode GEMV (up to FP8_GEMV_MAX_TOKENS tokens). With x_scale None each
   program quantizes its input in its prologue: one pass over the whole row of x (K <= 14336
@@ -32,8 +34,9 @@ The last two quantize a float x first with quantize_fp8_triton (a kernel of its 
 
 `plan_fp8_gemm` times them per weight shape at a few token counts (the GEMV up to
 FP8_GEMV_MAX_TOKENS), on float x with x_scale None, the quantization included, as the quantize
-pass calls them, and returns an `Fp8GemmPlan` that dispatches each call by its token count, as
-`gemm.plan_gemm_act` does for gemm_act.
+pass calls them (or, with `quantized_x`, on x quantized before, as fp8_gemm gets it after a
+fused norm or activation), and returns an `Fp8GemmPlan` that dispatches each call by its token
+count, as `gemm.plan_gemm_act` does for gemm_act.
 
 `trtllm::quantize_weight(w, format, group_size)` makes any of the three weight formats (fp8,
 and wo_gemm's int8 / int4) from a float weight. The quantization pass puts it on the weights
@@ -53,7 +56,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import gemm as G
-from .fp8_gemv import FP8_GEMV_MAX_TOKENS, _quantize_e4m3, _row_scale, first_fp8_gemv_config, fp8_gemm_gemv
+from .e4m3 import _quantize_e4m3, _row_scale
+from .errors import OpInputError
+from .fp8_gemv import FP8_GEMV_MAX_TOKENS, first_fp8_gemv_config, fp8_gemm_gemv
 from .gemm import ACTIVATIONS, PLAN_TOKEN_COUNTS, check_plan_args
 from .wo_gemm import MAX_GROUP, MIN_GROUP, lowbit_gemm, pack_int4, pack_int8
 
@@ -90,7 +95,7 @@ def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     scale [..., 1] float32), contiguous.
     """
     if x.dim() == 0 or x.shape[-1] == 0 or x.dtype not in OUT_DTYPES:
-        raise ValueError(
+        raise OpInputError(
             f"quantize_fp8: x must be [..., K] with K > 0 in one of {OUT_DTYPES}, got {tuple(x.shape)} {x.dtype}"
         )
     return torch.ops.trtllm.quantize_fp8(x)
@@ -242,30 +247,30 @@ def fp8_gemm(x: Tensor, x_scale: Tensor | None, w_fp8: Tensor, w_scale: Tensor, 
 
 
 def check_fp8_gemm_args(op: str, x, x_scale, w_fp8, w_scale, bias, act, out_dtype) -> None:
-    """ValueError naming the first argument that does not fit fp8_gemm's contract."""
+    """OpInputError naming the first argument that does not fit fp8_gemm's contract."""
     if act not in ACTIVATIONS:
-        raise ValueError(f"{op}: act={act!r} is not one of {sorted(ACTIVATIONS)}")
+        raise OpInputError(f"{op}: act={act!r} is not one of {sorted(ACTIVATIONS)}")
     if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"{op}: out_dtype={out_dtype} is not one of {OUT_DTYPES}")
+        raise OpInputError(f"{op}: out_dtype={out_dtype} is not one of {OUT_DTYPES}")
     if x_scale is None and x.dtype not in OUT_DTYPES:
-        raise ValueError(f"{op}: with x_scale None x is quantized inside and must be one of {OUT_DTYPES}, "
+        raise OpInputError(f"{op}: with x_scale None x is quantized inside and must be one of {OUT_DTYPES}, "
                          f"got {x.dtype} (pass an fp8 x with its x_scale)")
     if x_scale is not None and x.dtype != FP8_DTYPE:
-        raise ValueError(f"{op}: x must be {FP8_DTYPE} where x_scale is given (quantize it first, or pass "
+        raise OpInputError(f"{op}: x must be {FP8_DTYPE} where x_scale is given (quantize it first, or pass "
                          f"x_scale None to quantize it inside), got {x.dtype}")
     if w_fp8.dtype != FP8_DTYPE:
-        raise ValueError(f"{op}: w_fp8 must be {FP8_DTYPE} (quantize it first), got {w_fp8.dtype}")
+        raise OpInputError(f"{op}: w_fp8 must be {FP8_DTYPE} (quantize it first), got {w_fp8.dtype}")
     if x.dim() == 0 or w_fp8.dim() != 2 or x.shape[-1] != w_fp8.shape[1]:
-        raise ValueError(f"{op}: x must be [..., K] and w_fp8 [N, K], got {tuple(x.shape)}, {tuple(w_fp8.shape)}")
+        raise OpInputError(f"{op}: x must be [..., K] and w_fp8 [N, K], got {tuple(x.shape)}, {tuple(w_fp8.shape)}")
     n = w_fp8.shape[0]
     expected = {"w_scale": (w_scale, (n,))}
     if x_scale is not None:
         expected["x_scale"] = (x_scale, (*x.shape[:-1], 1))
     for name, (t, shape) in expected.items():
         if t.dtype != torch.float32 or tuple(t.shape) != shape:
-            raise ValueError(f"{op}: {name} must be float32 {list(shape)}, got {tuple(t.shape)} {t.dtype}")
+            raise OpInputError(f"{op}: {name} must be float32 {list(shape)}, got {tuple(t.shape)} {t.dtype}")
     if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
-        raise ValueError(f"{op}: bias must be floating [N] = [{n}], got {tuple(bias.shape)} {bias.dtype}")
+        raise OpInputError(f"{op}: bias must be floating [N] = [{n}], got {tuple(bias.shape)} {bias.dtype}")
 
 
 def _quantized(x: Tensor, x_scale: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -317,10 +322,10 @@ def fp8_gemm_triton(x: Tensor, x_scale: Tensor | None, w_fp8: Tensor, w_scale: T
 
 @_fp8_gemm_op.register_kernel("cuda")
 def _fp8_gemm_cuda(x, x_scale, w_fp8, w_scale, bias, act, out_dtype):
-    """Unplanned: up to FP8_GEMV_MAX_TOKENS tokens of a float x the GEMV with its prologue (its
-    first config for the bucket: no first-call autotuning, which a CUDA-graph capture would
+    """Unplanned: up to FP8_GEMV_MAX_TOKENS tokens the GEMV, with its prologue for a float x
+    (its first config for the bucket: no first-call autotuning, which a CUDA-graph capture would
     not allow); otherwise _scaled_mm where it fits, else the Triton kernel, x quantized first."""
-    if x_scale is None and math.prod(x.shape[:-1]) <= FP8_GEMV_MAX_TOKENS:
+    if math.prod(x.shape[:-1]) <= FP8_GEMV_MAX_TOKENS:
         config = first_fp8_gemv_config(math.prod(x.shape[:-1]))
         return fp8_gemm_gemv(x, x_scale, w_fp8, w_scale, bias, act, out_dtype, config=config)
     impl = fp8_gemm_scaled_mm if scaled_mm_fits(*w_fp8.shape[::-1]) else fp8_gemm_triton
@@ -351,8 +356,8 @@ class Fp8GemmPlan:
     As gemm.GemmActPlan: a call with M tokens goes to the token count measured nearest on a
     log scale (boundaries at the geometric midpoints sqrt(a * b)); the GEMV ("triton_gemv")
     never above FP8_GEMV_MAX_TOKENS tokens. The times were taken on float x with x_scale None
-    (the quantization included), the form the quantize pass emits; a call with x already
-    quantized goes to the same implementation.
+    (the quantization included), the form the quantize pass emits, or with `quantized_x` on x
+    quantized before; a call with x in the other form goes to the same implementation.
     """
 
     n: int  # weight rows (output features)
@@ -363,6 +368,7 @@ class Fp8GemmPlan:
     device: torch.device  # where the times were measured
     # (token count, ((a key of FP8_IMPLEMENTATIONS, median ms), ...)) by increasing token count
     times_ms: tuple[tuple[int, tuple[tuple[str, float], ...]], ...]
+    quantized_x: bool = False  # timed on x_fp8 with its x_scale; else on float x, quantized inside
 
     def __post_init__(self):
         counts = [m for m, _ in self.times_ms]
@@ -393,7 +399,8 @@ class Fp8GemmPlan:
 
     def describe(self) -> str:
         """A header line, then the times and the winner at each token count."""
-        lines = [f"fp8_gemm n={self.n} k={self.k} out {self.out_dtype} act={self.act} bias={self.has_bias} "
+        x_form = ", x fp8" if self.quantized_x else ""
+        lines = [f"fp8_gemm n={self.n} k={self.k} out {self.out_dtype} act={self.act} bias={self.has_bias}{x_form} "
                  f"on {self.device}"]
         for m, times in self.times_ms:
             listed = ", ".join(f"{name} {ms:.4f} ms" for name, ms in times)
@@ -404,11 +411,14 @@ class Fp8GemmPlan:
 def plan_fp8_gemm(
     n: int, k: int, out_dtype: torch.dtype, act: str, has_bias: bool, device: torch.device | str,
     token_counts: Sequence[int] = PLAN_TOKEN_COUNTS, implementations: Sequence[str] | None = None,
+    quantized_x: bool = False,
 ) -> Fp8GemmPlan:
     """Time fp8_gemm_scaled_mm (where `scaled_mm_fits`), fp8_gemm_triton and, up to
     FP8_GEMV_MAX_TOKENS tokens, fp8_gemm_gemv at each token count on a random float x in
     out_dtype with x_scale None, as the quantize pass calls fp8_gemm: the first two quantize x
-    with quantize_fp8_triton, inside the time, the GEMV in its prologue. A time is the median of
+    with quantize_fp8_triton, inside the time, the GEMV in its prologue. `quantized_x`: on that
+    x quantized before, outside the time (x_fp8, x_scale), as fp8_gemm gets it from a norm or
+    activation fused with the quantization (fused_quant.py). A time is the median of
     CUDA-graph replays after a first call that compiles and autotunes (gemm's `_median_ms`).
     CUDA only. `implementations` limits the candidates to these keys of FP8_IMPLEMENTATIONS (as
     in gemm.plan_gemm_act, whose arguments these are, so that one gemm.GemmActPlanner serves
@@ -428,7 +438,8 @@ def plan_fp8_gemm(
     times = []
     for m, names in candidates.items():
         x = torch.randn(m, k, generator=g, device=device).to(out_dtype)  # [M, K]
-        args = (x, None, w_fp8, w_scale, bias, act, out_dtype)
+        x_args = quantize_fp8_triton(x) if quantized_x else (x, None)  # ([M, K] fp8, [M, 1]) or (x, None)
+        args = (*x_args, w_fp8, w_scale, bias, act, out_dtype)
         times.append((m, tuple((name, G._median_ms(FP8_IMPLEMENTATIONS[name], *args) if len(names) > 1
                                 else math.nan) for name in names)))
-    return Fp8GemmPlan(n, k, out_dtype, act, has_bias, device, tuple(times))
+    return Fp8GemmPlan(n, k, out_dtype, act, has_bias, device, tuple(times), quantized_x)

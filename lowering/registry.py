@@ -6,7 +6,10 @@ on the engine's device and whose `supports(node)` holds. An implementation with 
 the node's callable at build time from the node and the weights: `gemm_act` times its GPU
 implementations at the weight's shape there and keeps the fastest one per token count.
 
-`fp8_gemm` does likewise between `torch._scaled_mm` and the Triton kernel.
+`fp8_gemm` does likewise between `torch._scaled_mm`, the Triton kernel and the decode GEMV,
+timed on the form of x the node takes: float (quantized inside) or quantized before by a norm
+or activation fused with the quantization (`rmsnorm_quantize_fp8`, `add_rmsnorm_quantize_fp8`,
+`silu_mul_quantize_fp8`, each one Triton kernel).
 `quantize_weight` never reaches an engine (lowering folds it into the weights) but has an
 entry like every op.
 
@@ -22,6 +25,7 @@ few tokens. Where no entry fits an aten op, it stays as it is.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -102,7 +106,7 @@ def default_registry() -> Registry:
 def _cuda_impls() -> dict:
     """The GPU implementation of each op that has one. Each falls back to the op's reference
     for inputs its kernel does not take (float64, head dims over 256)."""
-    from trtllm.kernels import activation, attention, fused_linear, gemm, norm, quant, rope, wo_gemm
+    from trtllm.kernels import activation, attention, fused_linear, fused_quant, gemm, norm, quant, rope, wo_gemm
 
     ops = torch.ops.trtllm
     kernels = {
@@ -117,6 +121,9 @@ def _cuda_impls() -> dict:
         ops.silu_mul.default: activation.silu_mul_triton,
         ops.gelu_mul.default: activation.gelu_mul_triton,
         ops.quantize_fp8.default: quant.quantize_fp8_triton,
+        ops.rmsnorm_quantize_fp8.default: fused_quant.rmsnorm_quantize_fp8_triton,
+        ops.add_rmsnorm_quantize_fp8.default: fused_quant.add_rmsnorm_quantize_fp8_triton,
+        ops.silu_mul_quantize_fp8.default: fused_quant.silu_mul_quantize_fp8_triton,
         ops.wo_gemm.default: wo_gemm.wo_gemm_triton,
     }
     impls = {op: Impl("triton", fn, devices=("cuda",)) for op, fn in kernels.items()}
@@ -125,10 +132,13 @@ def _cuda_impls() -> dict:
         "gemm_act, triton or cuBLAS by measurement", gemm.gemm_act_cublas, devices=("cuda",),
         bind=lambda node, weights: _plan_gemm_act(planner, node, weights),
     )
-    fp8_planner = gemm.GemmActPlanner(plan_fn=quant.plan_fp8_gemm)
+    # by whether the node's x comes quantized (x_scale given): each form timed as it runs
+    fp8_planners = {quantized: gemm.GemmActPlanner(plan_fn=functools.partial(quant.plan_fp8_gemm,
+                                                                             quantized_x=quantized))
+                    for quantized in (False, True)}
     impls[ops.fp8_gemm.default] = Impl(
         "fp8_gemm, _scaled_mm or triton by measurement", quant._fp8_gemm_cuda, devices=("cuda",),
-        bind=lambda node, weights: _plan_fp8_gemm(fp8_planner, node, weights),
+        bind=lambda node, weights: _plan_fp8_gemm(fp8_planners[node.args[1] is not None], node, weights),
     )
     # Build time only (folded into the weights): the op itself, plain torch on the GPU.
     impls[ops.quantize_weight.default] = Impl("torch (build time)", ops.quantize_weight.default, devices=("cuda",))

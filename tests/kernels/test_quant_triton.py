@@ -4,7 +4,7 @@ references.
 quantize_fp8_triton and fp8_gemm_gemv's prologue (x_scale None) do the reference's float32
 operations and round on E4M3's grid themselves, so on CPU (Triton's interpreter,
 tests/conftest.py) they match it bit for bit, ties included; on a GPU they match each other bit
-for bit, and the reference but for few values one E4M3 step off (fp8_gemv._quantize_e4m3). The
+for bit, and the reference but for few values one E4M3 step off (e4m3._quantize_e4m3). The
 FP8 GEMMs differ from fp8_gemm_ref by summation order (float32: 1e-4) and one rounding of the
 output (16-bit: 1e-2). The interpreter's bfloat16 tl.dot is wrong, but e4m3 operands go through
 tl.dot as float16, so every path is checked on CPU. The GPU tests use Llama-3-8B decode shapes.
@@ -220,15 +220,16 @@ def test_other_implementations_quantize_a_float_x_first(impl):
 
 
 def test_unplanned_op_takes_the_gemv_at_decode(monkeypatch):
-    """The op's CUDA kernel without a plan: a float x of up to FP8_GEMV_MAX_TOKENS tokens goes to
-    the GEMV with its bucket's first config (nothing to autotune under a graph capture); more
-    tokens, or an x already quantized, to _scaled_mm (or the Triton kernel where K, N do not fit it)."""
+    """The op's CUDA kernel without a plan: up to FP8_GEMV_MAX_TOKENS tokens, of a float x or
+    of one already quantized (by a fused norm), go to the GEMV with its bucket's first config
+    (nothing to autotune under a graph capture); more tokens to _scaled_mm (or the Triton kernel
+    where K, N do not fit it)."""
     called = []
-    monkeypatch.setattr(Q, "fp8_gemm_gemv", lambda *args, config: called.append(("gemv", config)))
+    monkeypatch.setattr(Q, "fp8_gemm_gemv", lambda *args, config: called.append(("gemv", args[1] is None, config)))
     monkeypatch.setattr(Q, "fp8_gemm_scaled_mm", lambda *args: called.append(("scaled_mm", args[1] is None)))
     monkeypatch.setattr(Q, "fp8_gemm_triton", lambda *args: called.append(("triton", args[1] is None)))
     _, _, w_fp8, w_scale, _ = fp8_inputs((1,), k=64, n=48)
-    for m, quantized in ((1, False), (4, False), (5, False), (1, True)):
+    for m, quantized in ((1, False), (4, False), (5, False), (1, True), (5, True)):
         x = torch.randn(m, 64)
         x_scale = None
         if quantized:
@@ -236,8 +237,9 @@ def test_unplanned_op_takes_the_gemv_at_decode(monkeypatch):
         Q._fp8_gemm_cuda(x, x_scale, w_fp8, w_scale, None, "none", torch.bfloat16)
     w36, s36 = Q.quantize_weight_fp8(torch.randn(36, 64))  # N = 36: no _scaled_mm
     Q._fp8_gemm_cuda(torch.randn(8, 64), None, w36, s36, None, "none", torch.bfloat16)
-    assert called == [("gemv", F8._FP8_GEMV_CONFIGS[1][0]), ("gemv", F8._FP8_GEMV_CONFIGS[4][0]),
-                      ("scaled_mm", True), ("scaled_mm", False), ("triton", True)]
+    assert called == [("gemv", True, F8._FP8_GEMV_CONFIGS[1][0]), ("gemv", True, F8._FP8_GEMV_CONFIGS[4][0]),
+                      ("scaled_mm", True), ("gemv", False, F8._FP8_GEMV_CONFIGS[1][0]), ("scaled_mm", False),
+                      ("triton", True)]
 
 
 # ---------------------------------------------------------------- GPU: Llama-3-8B decode shapes
@@ -259,7 +261,7 @@ def cpu_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def assert_rare_one_step_differences(q, q_ref):
     """q against the reference's values: equal but for few that are one step of E4M3 off, the
-    kernels' x / scale being div.full.f32 (fp8_gemv._quantize_e4m3). Where a row's scale has few
+    kernels' x / scale being div.full.f32 (e4m3._quantize_e4m3). Where a row's scale has few
     significant bits, quotients of bf16 values fall exactly on ties between E4M3 values, and
     div.full breaks some of those the other way. Measured on an H100 (Triton 3.6): under 0.01%
     of the values at K = 4096, 0.08% (16 rows) and 0.18% (4 rows) at K = 14336."""
@@ -311,7 +313,7 @@ def test_plan_and_op_on_gpu():
         args = fp8_inputs((m,), k=4096, n=4096, bias=False, device="cuda")
         expected = Q.fp8_gemm_ref(*args, "none", torch.bfloat16)
         assert relative_error(plan(*args, "none", torch.bfloat16), expected) < 1e-2
-        assert relative_error(Q.fp8_gemm(*args, "none", torch.bfloat16), expected) < 1e-2  # the op: scaled_mm
+        assert relative_error(Q.fp8_gemm(*args, "none", torch.bfloat16), expected) < 1e-2  # the op: GEMV, scaled_mm
 
 
 @pytest.mark.gpu

@@ -85,6 +85,20 @@ def test_plugin_nodes_carry_their_attributes(model, plugin_file):
     assert {n.op_type for n in proto.graph.node if n.domain == ""} >= {"MatMul", "Gather"}
 
 
+def _torch_dtype(code: int) -> torch.dtype:
+    """The dtype of a ScalarType attribute (an ONNX TensorProto data type)."""
+    from trtllm.lowering.onnx_plugins import _ONNX_DTYPES
+
+    return next(dtype for dtype, onnx_code in _ONNX_DTYPES.items() if onnx_code == code)
+
+
+def _as_torch(array: np.ndarray) -> torch.Tensor:
+    """An input of a plugin node as torch takes it (ml_dtypes' E4M3 through its bytes)."""
+    if array.dtype.name == "float8_e4m3fn":
+        return torch.from_numpy(array.view(np.uint8).copy()).view(torch.float8_e4m3fn)
+    return torch.tensor(array)
+
+
 def _plugin_evaluator_ops() -> list[type]:
     """onnx.reference implementations of the `trtllm` plugin nodes: each runs its op's torch
     reference, reading the node's inputs and attributes as a TensorRT plugin would."""
@@ -101,10 +115,11 @@ def _plugin_evaluator_ops() -> list[type]:
                 if is_attribute(arg):
                     value = attrs[arg.name]
                     value = value.decode() if isinstance(value, bytes) else value
-                    args.append(bool(value) if str(arg.type) == "bool" else value)
+                    kind = str(arg.real_type)
+                    args.append(bool(value) if kind == "bool" else _torch_dtype(value) if kind == "ScalarType" else value)
                 else:
                     value = next(tensors, None)
-                    args.append(None if value is None else torch.tensor(np.array(value)))
+                    args.append(None if value is None else _as_torch(np.array(value)))
             out = reference(op)(*args)
             return tuple(o.numpy() for o in (out if isinstance(out, tuple) else (out,)))
 
@@ -146,3 +161,27 @@ def test_bad_arguments_raise_config_errors(model, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx_graphsurgeon", None)  # as if not installed
     with pytest.raises(trtllm.ConfigError, match=r"pip install 'trtllm\[onnx\]'"):
         trtllm.export_onnx(model, tmp_path / "x.onnx")
+
+
+@torch.no_grad()
+def test_export_of_an_fp8_model_keeps_the_unfused_norms(model, tmp_path):
+    """dtype="fp8": the exported graph is the stateless one, before the step passes, so the
+    norms and silu_mul stay plugin nodes of their own and each fp8_gemm node takes a float x
+    (the fp8_activations pass, which fuses the quantization into them, runs on the step graph).
+    Evaluated with each plugin running its op's reference, it gives the engine's logits."""
+    from onnx.reference import ReferenceEvaluator
+
+    llm = trtllm.compile(model, dtype="fp8", device="cpu", cuda_graphs=False, max_seq_len=64)
+    path = trtllm.export_onnx(llm, tmp_path / "fp8.onnx", plugins=True)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.domain == "trtllm":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    assert counts == {"rmsnorm": 1, "add_rmsnorm": 2 * NUM_LAYERS, "rope": NUM_LAYERS, "attention": NUM_LAYERS,
+                      "silu_mul": NUM_LAYERS, "fp8_gemm": 4 * NUM_LAYERS}
+    evaluator = ReferenceEvaluator(str(path), new_ops=_plugin_evaluator_ops())
+    ids = torch.tensor([[3, 141, 59, 265, 35]])
+    got = evaluator.run(["logits"], {"input_ids": ids.numpy(), "position_ids": np.arange(ids.shape[1])[None]})[0]
+    np.testing.assert_allclose(got, llm(ids).numpy(), rtol=1e-5, atol=1e-5)

@@ -103,3 +103,41 @@ def test_cuda_implementations_of_the_quantized_ops():
     assert on_cuda(ops.wo_gemm.default).fn is W.wo_gemm_triton
     assert on_cuda(ops.quantize_fp8.default).fn is Q.quantize_fp8_triton
     assert on_cuda(ops.quantize_weight.default).name == "torch (build time)"
+
+
+def test_cuda_implementations_of_the_fused_quantizations():
+    from trtllm.kernels import fused_quant as FQ
+
+    registry = default_registry()
+    graph = Graph()
+    ops = torch.ops.trtllm
+    expected = {ops.rmsnorm_quantize_fp8.default: FQ.rmsnorm_quantize_fp8_triton,
+                ops.add_rmsnorm_quantize_fp8.default: FQ.add_rmsnorm_quantize_fp8_triton,
+                ops.silu_mul_quantize_fp8.default: FQ.silu_mul_quantize_fp8_triton}
+    for op, fn in expected.items():
+        assert registry.choose(graph.call_function(op, ()), "native", "cuda").fn is fn
+        assert registry.choose(graph.call_function(op, ()), "native", "cpu").name == "torch-reference"
+
+
+def test_fp8_gemm_plans_by_the_form_of_x(monkeypatch):
+    """fp8_gemm's CUDA bind times each node on the x it takes: float (x_scale None, quantized
+    inside) or x_fp8 with its x_scale from a fused norm; one plan per shape and form."""
+    asked = []
+
+    def plan_fp8_gemm(*key, token_counts, implementations, quantized_x):
+        asked.append((*key, quantized_x))
+        return Q.fp8_gemm_ref
+
+    monkeypatch.setattr(Q, "plan_fp8_gemm", plan_fp8_gemm)
+    impl = default_registry().choose(Graph().call_function(torch.ops.trtllm.fp8_gemm.default, ()), "native", "cuda")
+    graph = Graph()
+    x, x_fp8, x_scale, w = (graph.placeholder(name) for name in ("x", "x_fp8", "x_scale", "w"))
+    weights = {"w": torch.zeros(6, 32, dtype=torch.float8_e4m3fn)}
+    float_x = graph.call_function(torch.ops.trtllm.fp8_gemm.default, (x, None, graph.get_attr("w"), w, None, "none",
+                                                                      torch.bfloat16))
+    quantized = graph.call_function(torch.ops.trtllm.fp8_gemm.default, (x_fp8, x_scale, graph.get_attr("w"), w, None,
+                                                                        "none", torch.bfloat16))
+    for node in (float_x, quantized, float_x, quantized):
+        impl.bind(node, weights)
+    assert asked == [(6, 32, torch.bfloat16, "none", False, torch.device("cpu"), False),
+                     (6, 32, torch.bfloat16, "none", False, torch.device("cpu"), True)]
