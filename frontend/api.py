@@ -168,7 +168,11 @@ class CompiledModel:
         self.stateless_graph: torch.fx.Graph | None = None
         self.tensorrt = None  # backend="tensorrt": its TensorRTEngine, which __call__ runs
         detokenize = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-        self.runtime = LLMEngine(engine, dataclasses.replace(_runtime_config(engine, config), seed=seed), detokenize)
+        runtime = _runtime_config(engine, config)
+        # every rank's cache holds as many blocks (stages hold different layers, GPUs different memory),
+        # so that their schedulers decide alike
+        num_blocks = parallel.min_over_ranks(runtime.num_blocks, self.ranks)
+        self.runtime = LLMEngine(engine, dataclasses.replace(runtime, seed=seed, num_blocks=num_blocks), detokenize)
 
     def report(self) -> str:
         """Each fusion pass of the compile and how many rewrites it made, then which

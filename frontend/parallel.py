@@ -130,6 +130,15 @@ def rank_spec(spec: ModelSpec, parallel: Parallel, num_layers: int) -> ModelSpec
                                num_layers=num_layers, stage=stage, num_stages=num_stages)
 
 
+def min_over_ranks(value: int, parallel: Parallel) -> int:
+    """The smallest of every rank's `value` (`value` itself in one process)."""
+    if parallel.world_size == 1:
+        return value
+    smallest = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return int(smallest.item())
+
+
 def shared_seed(parallel: Parallel) -> int | None:
     """A seed chosen by rank 0 and known to every rank (None without tensor parallelism)."""
     if parallel.world_size == 1:

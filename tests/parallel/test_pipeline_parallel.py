@@ -28,9 +28,12 @@ def test_pp2_greedy_tokens_match_transformers_and_one_process(ranks, name):
 
 def test_steps_of_chunked_prefills_and_decodes_run_as_micro_batches(ranks):
     """More requests than max_batch_size and prompts longer than max_num_tokens: steps that mix
-    prefill chunks and decodes, each cut into two micro-batches, alike on both stages."""
+    prefill chunks and decodes, each cut into two micro-batches, alike on both stages; a cache
+    small enough to preempt, with as many blocks on both stages (the fewer of the two)."""
     steps = ranks[0]["llama_pp_mixed"]["micro_batches"]  # per step, per micro-batch: is_prefill per sequence
     assert steps == ranks[1]["llama_pp_mixed"]["micro_batches"]
+    assert [rank["llama_pp_mixed"]["num_blocks"] for rank in ranks] == [4, 4]
+    assert ranks[0]["llama_pp_mixed"]["num_preemptions"] > 0
     split = [step for step in steps if len(step) == 2]
     assert len(split) >= 5
     mixed = [step for step in split if any(p for part in step for p in part) and not all(p for part in step for p in part)]

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -69,7 +68,8 @@ CASES = {
     "llama_int8": (llama, {"dtype": "int8"}),
     "llama_pp": (llama, {"dtype": "fp32"}),
     "gpt2_pp": (gpt2, {"dtype": "fp32"}),
-    "llama_pp_mixed": (llama, {"dtype": "fp32", "max_num_tokens": 16}),
+    # a cache of 131072 bytes: 8 blocks of stage 0's 1 layer, 4 of stage 1's 2; both take 4, and preempt
+    "llama_pp_mixed": (llama, {"dtype": "fp32", "max_num_tokens": 16, "kv_cache_memory": 131072}),
 }
 PARALLEL = {k: {"pipeline_parallel": 2} for k in ("llama_pp", "gpt2_pp", "llama_pp_mixed")}  # others: tensor_parallel=2
 CASE_PROMPTS = {"llama_pp_mixed": MIXED_PROMPTS}
@@ -95,6 +95,8 @@ def run_case(name: str, out_dir: str, device: str) -> dict:
         "num_layers": llm.engine.spec.num_layers,
         "weight_numel": sum(w.numel() for w in llm.engine.weights.values()),
         "micro_batches": steps,
+        "num_blocks": llm.runtime.pool.num_blocks,
+        "num_preemptions": llm.runtime.scheduler.num_preemptions,
     }
     if name == "llama_pp_mixed":
         result["stage_work"] = stage_work(llm)
@@ -201,6 +203,5 @@ def main(out_dir: str, names: list[str], device: str = "cpu") -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if __name__ == "__main__":  # (on the CPU the parent's environment has TRITON_INTERPRET=1, tests/conftest.py)
     main(sys.argv[1], sys.argv[2].split(","), *sys.argv[3:])
