@@ -40,9 +40,9 @@ and the stages would take turns. M = 2, micro-batches a and b:
     (a micro-batch's hidden states go from stage 0 to stage 1 as soon as stage 0 ends it)
 
 If half a batch takes half the time, a step takes 3/4 of its time as one batch ((2M - 1) / M²
-for M stages). A step that needs the
-logits of each decode step before the next (a burst, `decode(..., num_steps)`) runs as one
-micro-batch, sharing its logits per step; the engine bursts only steps of one micro-batch.
+for M stages). A burst (`decode(..., num_steps)`), which needs each decode step's logits
+before the next, runs as one micro-batch and shares its logits every step; the engine bursts
+only steps of one micro-batch.
 """
 
 from __future__ import annotations
