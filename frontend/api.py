@@ -93,7 +93,7 @@ def compile(model: torch.nn.Module, *, tokenizer=None, patterns=(), calibration_
         set_kv_scales(engine, model, calibration_token_ids(calibration_prompts, tokenizer), config.block_size,
                       _runtime_config(engine, config).max_seq_len)
         done("kv_scales")
-    compiled = CompiledModel(engine, config, tokenizer=tokenizer, seed=parallel.shared_seed(ranks))
+    compiled = CompiledModel(engine, config, tokenizer=tokenizer, seed=parallel.shared_seed(ranks), ranks=ranks)
     done("runtime")  # sizing the KV cache, capturing CUDA graphs
     if config.backend == "tensorrt":
         from .tensorrt_backend import build_tensorrt
@@ -122,12 +122,20 @@ def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
 
 
 def load(path: str | Path, *, tokenizer=None, device: str | None = None, **runtime_options) -> CompiledModel:
-    """Load an engine folder written by `CompiledModel.save`; no re-tracing."""
+    """Load an engine folder written by `CompiledModel.save`; no re-tracing. An engine saved
+    split over ranks (tensor_parallel or pipeline_parallel > 1) loads in each of as many
+    processes, launched as it was built (torchrun), each reading its rank's part."""
     path = Path(path)
-    engine = Engine.load(path, device=device)
     meta = json.loads((path / "trtllm.json").read_text()) if (path / "trtllm.json").is_file() else {}
-    config = dataclasses.replace(BuildConfig(**meta.get("build_config", {})), **runtime_options)
+    saved = BuildConfig(**meta.get("build_config", {}))
+    config = dataclasses.replace(saved, **runtime_options)
+    parallel.check_split(path, saved, config)
+    split = saved.tensor_parallel * saved.pipeline_parallel > 1
+    if split and device is not None:
+        config = dataclasses.replace(config, device=device)  # (setup gives each rank its GPU)
     config.validate()
+    config, ranks = parallel.setup(config, saved=path)
+    engine = Engine.load(parallel.part_dir(path, ranks), device=config.device if split else device)
     compiled_tensorrt = None
     if config.backend == "tensorrt":
         from trtllm.lowering.tensorrt_engine import TensorRTEngine
@@ -137,7 +145,7 @@ def load(path: str | Path, *, tokenizer=None, device: str | None = None, **runti
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-    compiled = CompiledModel(engine, config, tokenizer=tokenizer)
+    compiled = CompiledModel(engine, config, tokenizer=tokenizer, seed=parallel.shared_seed(ranks), ranks=ranks)
     compiled.tensorrt = compiled_tensorrt
     return compiled
 
@@ -145,11 +153,14 @@ def load(path: str | Path, *, tokenizer=None, device: str | None = None, **runti
 class CompiledModel:
     """An engine plus its runtime: call it for logits, or `generate` tokens."""
 
-    def __init__(self, engine: Engine, config: BuildConfig, tokenizer=None, seed: int | None = None):
-        """seed: of the generator unseeded sampled requests draw from (None: torch's global one)."""
+    def __init__(self, engine: Engine, config: BuildConfig, tokenizer=None, seed: int | None = None,
+                 ranks: parallel.Parallel | None = None):
+        """seed: of the generator unseeded sampled requests draw from (None: torch's global one);
+        ranks: this process's rank, when the model is split over several (tensor or pipeline parallel)."""
         self.engine = engine
         self.config = config
         self.tokenizer = tokenizer
+        self.ranks = ranks or parallel.Parallel(0, 1)
         self.compile_seconds: float | None = None
         self.compile_stages: dict[str, float] = {}  # seconds per stage of `compile`
         self.pass_reports: list = []
@@ -157,7 +168,11 @@ class CompiledModel:
         self.stateless_graph: torch.fx.Graph | None = None
         self.tensorrt = None  # backend="tensorrt": its TensorRTEngine, which __call__ runs
         detokenize = None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-        self.runtime = LLMEngine(engine, dataclasses.replace(_runtime_config(engine, config), seed=seed), detokenize)
+        runtime = _runtime_config(engine, config)
+        # every rank's cache holds as many blocks (stages hold different layers, GPUs different memory),
+        # so that their schedulers decide alike
+        num_blocks = parallel.min_over_ranks(runtime.num_blocks, self.ranks)
+        self.runtime = LLMEngine(engine, dataclasses.replace(runtime, seed=seed, num_blocks=num_blocks), detokenize)
 
     def report(self) -> str:
         """Each fusion pass of the compile and how many rewrites it made, then which
@@ -238,17 +253,21 @@ class CompiledModel:
 
     def save(self, path: str | Path, weights: bool = True) -> None:
         """Write the engine folder (see lowering/engine.py) plus the build config and tokenizer;
-        `weights=False` leaves out the weights a later `refit` binds."""
-        if self.config.tensor_parallel > 1 or self.config.pipeline_parallel > 1:
-            raise ConfigError("saving a tensor- or pipeline-parallel engine (one part per rank) is not supported yet; "
-                              "compile it in each rank instead")
+        `weights=False` leaves out the weights a later `refit` binds. A model split over ranks
+        is saved by every rank at once, each writing its part to `path/rank<r>/` (rank 0 the
+        build config, which says how it was split, and the tokenizer); it returns once all are written."""
         path = Path(path)
-        self.engine.save(path, weights=weights)
+        self.engine.save(parallel.part_dir(path, self.ranks), weights=weights)
         if self.tensorrt is not None:
             self.tensorrt.save(path)
-        (path / "trtllm.json").write_text(json.dumps({"build_config": dataclasses.asdict(self.config)}, indent=1))
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(str(path / "tokenizer"))
+        if self.ranks.rank == 0:
+            config = self.config
+            if self.ranks.world_size > 1:  # each rank's GPU is chosen again where it loads
+                config = dataclasses.replace(config, device=config.torch_device().type)
+            (path / "trtllm.json").write_text(json.dumps({"build_config": dataclasses.asdict(config)}, indent=1))
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(str(path / "tokenizer"))
+        parallel.barrier(self.ranks)
 
     def _require_weights(self) -> None:
         if not self.engine.weights_bound:

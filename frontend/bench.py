@@ -24,6 +24,11 @@ model hub; speed does not depend on the values), in this order:
 Every trtllm figure comes with the device time and the host's exposed time per forward pass
 (`StepTiming`), so the next bottleneck is visible. Writes JSON (one object per model, its
 dtypes under "dtypes"), and a PNG with `--plot`.
+
+With `--tp N` / `--pp N` (`torchrun --nproc-per-node N -m trtllm.frontend.cli bench ...`)
+every rank makes the model and runs each measurement in step with the others; the figures are
+rank 0's (its part of the weights; with pipeline stages no roofline, which would need every
+stage's weights), rank 0 alone prints and writes, and transformers' baselines are skipped.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -68,6 +74,13 @@ class BenchConfig:
     repeats: int = 3  # runs of each timing; the median is kept
     max_num_tokens: int = 8192
     accuracy_prompts: tuple[int, int] = (8, 64)  # (prompts, tokens each) of the quantized dtypes' accuracy report
+    tensor_parallel: int = 1  # ranks per engine, one process each (torchrun); every rank runs the bench in step
+    pipeline_parallel: int = 1  # pipeline stages, likewise
+
+    @property
+    def split(self) -> bool:
+        """Whether the engines are split over ranks (no transformers baselines then)."""
+        return self.tensor_parallel * self.pipeline_parallel > 1
 
     def validate(self) -> None:
         if self.model not in SHAPES:
@@ -81,7 +94,7 @@ class BenchConfig:
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
             raise ConfigError(f"unknown baseline(s) {sorted(unknown)}; use any of {BASELINES}")
-        for name in ("new_tokens", "repeats", "max_num_tokens"):
+        for name in ("new_tokens", "repeats", "max_num_tokens", "tensor_parallel", "pipeline_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if any(min(t) < 1 for t in self.throughput) or any(n < 1 for n in self.ttft_lengths):
@@ -231,7 +244,8 @@ def _compile(model, variant: str, config: BenchConfig, device: torch.device):
     _sync(device)
     start = time.perf_counter()
     llm = trtllm.compile(model, dtype=dtype, device=str(device), max_batch_size=config.max_batch_size,
-                         max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens, **options)
+                         max_seq_len=config.max_seq_len, max_num_tokens=config.max_num_tokens,
+                         tensor_parallel=config.tensor_parallel, pipeline_parallel=config.pipeline_parallel, **options)
     first = llm.generate(_prompts(1, 16, model.config.vocab_size, 0),
                          trtllm.SamplingParams(max_new_tokens=1, ignore_eos=True))
     _sync(device)
@@ -274,13 +288,15 @@ def _logits(llm, ids: torch.Tensor) -> torch.Tensor:
         return torch.cat([llm(ids[i: i + rows]) for i in range(0, ids.shape[0], rows)])
 
 
-def _reference_logits(model, dtype: str, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _reference_logits(model, dtype: str, ids: torch.Tensor, config: BenchConfig,
+                      device: torch.device) -> torch.Tensor:
     """Logits of an engine made for the accuracy report alone (its dtype was not measured)."""
     import trtllm
 
     count, length = ids.shape
     llm = trtllm.compile(model, dtype=dtype, device=str(device), max_batch_size=count, max_seq_len=length + 1,
-                         max_num_tokens=count * length, cuda_graphs=False)
+                         max_num_tokens=count * length, cuda_graphs=False, tensor_parallel=config.tensor_parallel,
+                         pipeline_parallel=config.pipeline_parallel)
     logits = _logits(llm, ids)
     del llm
     _free(device)
@@ -296,6 +312,8 @@ def _free(device: torch.device) -> None:
 def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     config.validate()
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.split and device.type == "cuda" and device.index is None:  # this rank's GPU, as compile picks it
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     cuda = device.type == "cuda"
     compute = {d: BuildConfig(dtype=parse_dtype_variant(d)[0], device=str(device)).compute_dtype()
                for d in config.dtypes}
@@ -303,6 +321,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     order = sorted(config.dtypes, key=_quantized)  # references before what they check
     result: dict = {"model": config.model, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                     "torch": torch.__version__, "config": dataclasses.asdict(config), "model_dtype": model_dtype}
+    if config.split:  # the engine's figures are rank 0's (its weights, its part of the cache)
+        result["parallel"] = {"tensor_parallel": config.tensor_parallel, "pipeline_parallel": config.pipeline_parallel}
     stages = ["roofline", "model", *(f"{d} {s}" for d in order for s in ("compile", "batch-1 decode", "ttft",
               "throughput", "accuracy")), *config.baselines]
     bar = tqdm(stages, desc=f"bench {config.model}", disable=not progress)
@@ -327,7 +347,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         llm, measured[dtype] = _compile(model, dtype, config, device)
         weight_bytes = engine_decode_bytes(llm.engine)
         measured[dtype]["decode_weight_gb"] = round(weight_bytes / 1e9, 3)
-        if cuda:
+        if cuda and config.pipeline_parallel == 1:  # (tensor parallel: each rank reads its shard at once)
             measured[dtype]["roofline_tok_s"] = round(bandwidth / weight_bytes, 1)
         measured[dtype].update(_speed(llm, config, vocab, lambda name, d=dtype: stage(f"{d} {name}")))
         stage(f"{dtype} accuracy")
@@ -339,7 +359,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         elif _quantized(dtype):
             reference = compute[dtype]
             if reference not in references:
-                references[reference] = _reference_logits(model, reference, ids, device)
+                references[reference] = _reference_logits(model, reference, ids, config, device)
             measured[dtype]["accuracy"] = {"reference": reference, "prompts": list(config.accuracy_prompts),
                                            **logits_error(logits, references[reference])}
     result["dtypes"] = {d: measured[d] for d in config.dtypes}
@@ -361,6 +381,9 @@ def _baselines(model, config: BenchConfig, device: torch.device, trtllm_tokens: 
     results = {}
     for name in config.baselines:
         stage(name)
+        if config.split:
+            results[name] = {"skipped": "transformers runs the whole model in one process; not with --tp / --pp"}
+            continue
         if name == "hf-compile" and device.type != "cuda":
             results[name] = {"skipped": "transformers compiles its static-cache generate on a GPU only"}
             continue
@@ -405,7 +428,10 @@ def _split(run: dict) -> str:
 
 def summary(result: dict) -> str:
     """A few lines a person reads first: per dtype, then transformers, then a table of the dtypes."""
-    lines = [f"{result['model']} on {result['device']} (model and transformers baselines in {result['model_dtype']})"]
+    split = result.get("parallel", {})
+    ranks = "".join(f", {k.replace('_', ' ')} {v}" for k, v in split.items() if v > 1)
+    lines = [f"{result['model']} on {result['device']}{ranks} (model and transformers baselines in "
+             f"{result['model_dtype']}{'; figures of rank 0' if split else ''})"]
     if "copy_bandwidth_tb_s" in result:
         lines.append(f"  copy bandwidth {result['copy_bandwidth_tb_s']} TB/s")
     for dtype, m in result["dtypes"].items():

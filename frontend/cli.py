@@ -95,28 +95,18 @@ def _common_start(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _split(args) -> dict:
+    """--tp / --pp as the options that load a saved engine: given, they are checked against its split."""
+    return {k: v for k, v in (("tensor_parallel", args.tp), ("pipeline_parallel", args.pp)) if v > 1}
+
+
 def cmd_run(args) -> int:
-    if args.tp == 1 and args.pp == 1:
-        return _run(args)
-    if args.engine:
-        raise TrtllmError("--tp / --pp compile each rank's part; they do not run a saved engine (drop --engine)")
-    # one process per rank (torchrun): every rank runs the same calls, rank 0 alone prints
-    quiet = int(os.environ.get("RANK", "0")) != 0
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        try:
-            return _run(args)
-        finally:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-
-
-def _run(args) -> int:
     import trtllm
 
     dtype = args.dtype or _default_dtype(args.device)
     compute = BuildConfig(dtype=dtype, device=args.device).torch_dtype()
-    if args.engine:
-        llm, model = trtllm.load(args.engine, device=args.device), None
+    if args.engine:  # (an engine saved split over ranks loads in each process of the same launch)
+        llm, model = trtllm.load(args.engine, device=args.device, **_split(args)), None
         print(f"loaded engine {args.engine}")
     else:
         model = _load_model(args.model, compute)
@@ -160,9 +150,10 @@ def cmd_build(args) -> int:
         tokenizer = tiny_tokenizer()
     llm = trtllm.compile(model, dtype=dtype, device=args.device, max_batch_size=args.max_batch_size,
                          max_seq_len=args.max_seq_len, kv_cache_dtype=args.kv_cache_dtype, backend=args.backend,
-                         tokenizer=tokenizer)
-    llm.save(args.output)
-    print(f"built {args.model} ({dtype}) in {llm.compile_seconds:.2f} s; engine saved to {args.output}")
+                         tokenizer=tokenizer, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+    llm.save(args.output)  # (split over ranks: every rank writes its part)
+    parts = f" in {llm.ranks.world_size} parts, one per rank" if llm.ranks.world_size > 1 else ""
+    print(f"built {args.model} ({dtype}) in {llm.compile_seconds:.2f} s; engine saved to {args.output}{parts}")
     return 0
 
 
@@ -222,11 +213,14 @@ def cmd_bench(args) -> int:
             model=name, dtypes=args.dtype or (_default_dtype(args.device),), device=args.device,
             new_tokens=args.new_tokens, ttft_lengths=args.ttft, throughput=args.throughput,
             baselines=tuple(b for b in args.baselines.split(",") if b), repeats=args.repeats,
-            max_num_tokens=args.max_num_tokens, accuracy_prompts=args.accuracy_prompts)
-        results.append(bench.run_bench(config))
+            max_num_tokens=args.max_num_tokens, accuracy_prompts=args.accuracy_prompts,
+            tensor_parallel=args.tp, pipeline_parallel=args.pp)
+        results.append(bench.run_bench(config, progress=_rank() == 0))
         print(bench.summary(results[-1]), flush=True)
-        bench.write(results, args.out, None)  # each model's results are kept as soon as they exist
-    bench.write(results, args.out, args.plot)
+        if _rank() == 0:  # (split over ranks: every rank measures in step, rank 0 alone writes)
+            bench.write(results, args.out, None)  # each model's results are kept as soon as they exist
+    if _rank() == 0:
+        bench.write(results, args.out, args.plot)
     return 0
 
 
@@ -240,9 +234,10 @@ def cmd_serve(args) -> int:
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, max_requests=args.max_requests)
     config.validate()
     options = dict(dtype=args.dtype or _default_dtype(args.device), device=args.device,
-                   max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+                   max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, tensor_parallel=args.tp,
+                   pipeline_parallel=args.pp)
     llm, name = load_for_serving(args.model, args.engine, **options)
-    serve(llm, dataclasses.replace(config, model_name=args.served_model_name or name))
+    serve(llm, dataclasses.replace(config, model_name=args.served_model_name or name))  # (rank 0; others follow it)
     return 0
 
 
@@ -261,7 +256,14 @@ def _add_serve(commands) -> None:
     serve.add_argument("--max-requests", type=int, default=1024, help="requests held at once; beyond, 503")
     serve.add_argument("--dtype", choices=ALL_DTYPES)
     serve.add_argument("--device", help="default: cuda if available, else cpu")
+    _add_parallel(serve)
     serve.set_defaults(func=cmd_serve)
+
+
+def _add_parallel(parser) -> None:
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel ranks, one process each: run under "
+                        "`torchrun --nproc-per-node N`; rank 0 alone prints, writes files and serves")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages, one process each, likewise")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,9 +277,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--no-eager", action="store_true", help="skip the eager transformers baseline")
     run.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    run.add_argument("--tp", type=int, default=1, help="tensor parallel ranks, one process each: run under "
-                     "`torchrun --nproc-per-node N` (no eager baseline then)")
-    run.add_argument("--pp", type=int, default=1, help="pipeline stages, one process each, likewise")
     run.set_defaults(func=cmd_run)
     build = commands.add_parser("build", help="compile a model and save the engine")
     build.add_argument("--model", default="tiny")
@@ -318,16 +317,40 @@ def build_parser() -> argparse.ArgumentParser:
                        "cache in fp8 (e.g. fp8+lm_head+kv_fp8)")
     for sub in (run, build, bench):
         sub.add_argument("--device", help="default: cuda if available, else cpu")
+        _add_parallel(sub)  # (run: no eager baseline with --tp / --pp; bench: no transformers baselines)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _one_rank_prints():
+            return args.func(args)
     except TrtllmError as exc:
         print(f"trtllm: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+@contextlib.contextmanager
+def _one_rank_prints():
+    """Around a command that every rank of a torchrun launch runs alike (--tp / --pp): rank 0
+    alone prints (errors aside); the process group the command started ends with it."""
+    dist = torch.distributed
+    started_before = dist.is_available() and dist.is_initialized()
+    quiet = _rank() != 0
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            yield
+    finally:
+        if not started_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # `torchrun --nproc-per-node N -m trtllm.frontend.cli run --tp N`

@@ -6,14 +6,18 @@ fewest values cross between two layers (the residual stream: one or two tensors)
     Stage 0:                          Stage p:                              Stage M - 1:
         h = embedding(input_ids)          h = pipeline_recv(..., p - 1)         h = pipeline_recv(..., M - 2)
         layers 0 .. k - 1                 layers of stage p                     last layers, norm, LM head
-        s = pipeline_send([h], 1)         s = pipeline_send([h], p + 1)         s = (none)
-        logits = pipeline_broadcast(empty [1, N, V], M - 1, [s])                logits = pipeline_broadcast(logits, M - 1, [])
+        s = pipeline_send([h], 1)         s = pipeline_send([h], p + 1)
+        logits = empty [1, N, V]          logits = empty [1, N, V]
+        return (logits, s)                return (logits, s)                    return (logits,)
 
-so every stage ends with the logits and samples the same tokens (as tensor parallelism's
-all-gathered logits). What does not depend on the tokens' hidden states (rotary cos/sin from
-the positions, sizes) is computed by every stage. Each stage's KV-cache inputs are its own
-layers', renumbered `kv_cache_0 ...`. The stages run one after another on each step: there
-are no micro-batches yet, so M stages give one stage's speed with M devices' memory.
+Only the last stage computes the logits; the others return a buffer of their shape (and their
+send, so that it stays in the graph). The runtime runs a step's micro-batches through the
+stages one after another, then shares the last stage's logits with every stage in one
+`pipeline_broadcast` (runtime/model_runner.py), so every stage samples the same tokens; the
+broadcast is not in the graph, where it would make stage 0 wait for the last stage before it
+could start the next micro-batch. What does not depend on the tokens' hidden states (rotary
+cos/sin from the positions, sizes) is computed by every stage. Each stage's KV-cache inputs
+are its own layers', renumbered `kv_cache_0 ...`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ from .kv_cache import kv_cache_input
 
 aten = torch.ops.aten
 trtllm = torch.ops.trtllm
-ATTENTION = (trtllm.cached_attention.default, trtllm.rope_cached_attention.default)
+
+
+def _is_layer(node: Node) -> bool:
+    """Whether node is a layer's attention over the cache (its ops looked up now, not at
+    import: torch may re-create op objects, see fusion/graph.py's current_op_objects)."""
+    return node.target in (trtllm.cached_attention.default, trtllm.rope_cached_attention.default)
 
 
 def _stream(gm: GraphModule) -> set[Node]:
@@ -57,7 +66,7 @@ def _cuts(gm: GraphModule, num_stages: int) -> tuple[list[int], list[list[Node]]
     """(graph positions where each stage starts and ends, the values crossing each cut, layers)."""
     order = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(order)}
-    layers = [n for n in order if n.target in ATTENTION]
+    layers = [n for n in order if _is_layer(n)]
     if len(layers) < num_stages:
         raise ConfigError(f"pipeline_parallel={num_stages}: the model has {len(layers)} layers, fewer than stages")
     stream = _stream(gm)
@@ -105,18 +114,15 @@ def split_pipeline(gm: GraphModule, stage: int, num_stages: int) -> int:
             received = call(gm, trtllm.pipeline_recv.default, like, _shape_args(gm, value),
                             value.meta["val"].dtype, stage - 1)
         value.replace_all_uses_with(received, delete_user_cb=lambda u: index.get(u, len(order)) >= cuts[stage])
-    logits = output.args[0][0]
-    after = []
-    with gm.graph.inserting_before(end):
-        if stage < num_stages - 1:
-            after = [call(gm, trtllm.pipeline_send.default, crossing[stage + 1], stage + 1)]
-            val = logits.meta["val"]
+    if stage < num_stages - 1:
+        with gm.graph.inserting_before(end):
+            sent = call(gm, trtllm.pipeline_send.default, crossing[stage + 1], stage + 1)
+            val = output.args[0][0].meta["val"]
             rows = call(gm, aten.sym_size.int, _input(gm, "logits_indices"), 0)
             logits = call(gm, aten.empty.memory_format, [val.shape[0], rows, val.shape[2]])
             logits.kwargs = {"dtype": val.dtype, "device": val.device}
             logits.meta["val"] = val
-        gathered = call(gm, trtllm.pipeline_broadcast.default, logits, num_stages - 1, after)
-    output.args = ((gathered, *output.args[0][1:]),)
+        output.args = ((logits, sent),)
     stream = _stream(gm)
     for node in reversed(order):  # other stages' layers (cache writes are not dead code: erased here)
         if node in stream and node.op == "call_function" and not cuts[stage] <= index[node] < cuts[stage + 1]:
@@ -131,7 +137,7 @@ def _input(gm: GraphModule, name: str) -> Node:
 
 def _renumber_caches(gm: GraphModule, layers: list[Node]) -> int:
     """Drop the other stages' KV-cache inputs; number this stage's from 0."""
-    kept = [n for n in gm.graph.nodes if n.target in ATTENTION]
+    kept = [n for n in gm.graph.nodes if _is_layer(n)]
     caches = {_input(gm, kv_cache_input(i)): i for i in range(len(layers))}
     for local, node in enumerate(kept):
         position = next(i for i, a in enumerate(node.args) if isinstance(a, Node) and a in caches)

@@ -59,7 +59,12 @@ _ELEMENTWISE = {
     aten.erf.default, aten.neg.default, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor,
     aten.mul.Scalar, aten.add.Scalar, aten.pow.Tensor_Scalar,
 }
-_GATED = {trtllm.silu_mul.default, trtllm.gelu_mul.default}
+
+
+def _gated(node: Node) -> bool:
+    """Whether node is a gated activation (its ops looked up now, not at import: torch may
+    re-create op objects, see fusion/graph.py's current_op_objects)."""
+    return node.target in (trtllm.silu_mul.default, trtllm.gelu_mul.default)
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,7 @@ def _blocks(gm: GraphModule, lm_head: Node) -> tuple[set[Node], set[Node]]:
     for node in gm.graph.nodes:
         if node.target is trtllm.attention.default:
             columns |= set().union(*(_sources(a, node) for a in node.args[:3]))
-        elif node.target in _GATED:
+        elif _gated(node):
             columns |= _sources(node.args[0], node)
         else:
             continue
@@ -317,7 +322,7 @@ def _output_parts(gemm: Node, width: int, n: int, touched: set[Node]) -> list[in
                       *split.args[2:])
         touched.add(split)
         return parts
-    if len(users) == 1 and users[0].target in _GATED:
+    if len(users) == 1 and _gated(users[0]):
         return [width // 2, width // 2]
     return [width]
 

@@ -1,9 +1,12 @@
-"""Tensor-parallel collectives as `trtllm::` ops: `all_reduce` (after a row-parallel GEMM) and
-`all_gather` (after the vocabulary-parallel LM head), through `torch.distributed`.
+"""Collectives as `trtllm::` ops, through `torch.distributed`: for tensor parallelism
+`all_reduce` (after a row-parallel GEMM) and `all_gather` (after the vocabulary-parallel LM
+head); for pipeline parallelism `pipeline_send` / `pipeline_recv` (the values crossing from one
+stage to the next, in the step graph) and `pipeline_broadcast` (the last stage's logits to
+every stage, called by the runtime after a step's micro-batches).
 
-Both act over the default process group (every rank of the job holds one shard of the model):
-NCCL on GPUs, gloo on CPU. With a world of one they are copies. They are ordinary graph ops, so
-on a GPU they are captured into the decode step's CUDA graph like every other kernel (NCCL
+All act over the default process group (every rank of the job holds one part of the model):
+NCCL on GPUs, gloo on CPU. With a world of one all_reduce and all_gather are copies. They are
+ordinary ops, so on a GPU they are captured into CUDA graphs like every other kernel (NCCL
 supports capture); on CPU there are no graphs.
 
 The torch references are the implementations: the collective itself is the kernel.
@@ -106,9 +109,9 @@ def _pipeline_recv_fake(like, shape, dtype, src):
     return like.new_empty(shape, dtype=dtype)
 
 
-def pipeline_broadcast_ref(x: Tensor, src: int, after: list[Tensor]) -> Tensor:
+def pipeline_broadcast_ref(x: Tensor, src: int) -> Tensor:
     """`trtllm::pipeline_broadcast`: rank src's x on every rank (x: the value on src, a buffer
-    of its shape elsewhere); `after`: what must run first (pipeline_send's result)."""
+    of its shape and dtype elsewhere). Returns a new tensor."""
     out = x.clone()
     dist.broadcast(out, src)
     return out
@@ -118,5 +121,11 @@ _pipeline_broadcast_op = torch.library.custom_op("trtllm::pipeline_broadcast", p
 
 
 @_pipeline_broadcast_op.register_fake
-def _pipeline_broadcast_fake(x, src, after):
+def _pipeline_broadcast_fake(x, src):
     return torch.empty_like(x)
+
+
+def pipeline_broadcast(x: Tensor, src: int) -> Tensor:
+    """out = x of rank src, on every rank; x: [...], the same shape and dtype on every rank.
+    The pipeline's last stage shares its logits so (runtime/model_runner.py), once per step."""
+    return torch.ops.trtllm.pipeline_broadcast(x, src)

@@ -58,7 +58,8 @@ class Engine:
         missing = set(self.input_names) - set(inputs)
         if missing:
             raise LoweringError(f"engine step is missing inputs {sorted(missing)}")
-        (logits,) = self._module(*(inputs[name] for name in self.input_names))
+        # the logits [1, N, V]; a pipeline stage's send follows them (fusion/pipeline_split.py)
+        logits = self._module(*(inputs[name] for name in self.input_names))[0]
         return logits[0]  # [N, V]
 
     def describe_implementations(self) -> str:

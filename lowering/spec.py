@@ -15,6 +15,8 @@ class ModelSpec:
     max_position_embeddings: int | None  # longest position the model was built for (None: unbounded)
     eos_token_ids: tuple[int, ...]  # tokens that end generation unless ignore_eos
     pad_token_id: int | None  # used to pad tensor outputs of generate(), as transformers does
+    stage: int = 0  # pipeline parallel: the stage this engine runs (its layers only; 0 without)
+    num_stages: int = 1  # pipeline stages; the last computes the logits, the runtime shares them
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -244,7 +244,9 @@ class LLMEngine:
         owners = [self._owner(s.request_id) for s in sampling]
         states = [self._requests[owner] for owner in owners]
         rows = [state.row for state in states]
-        if self.config.decode_steps > 1 and all(_burstable(row.params) for row in rows):
+        # (a pipeline stage bursts a step of one micro-batch only: bursts do not pipeline)
+        if (self.config.decode_steps > 1 and all(_burstable(row.params) for row in rows)
+                and len(self.runner.micro_batches(batch.sequences)) == 1):
             batch, num_steps = self.scheduler.extend_decodes(batch, self.config.decode_steps)
             if num_steps > 1:
                 return self._burst(batch, num_steps, rows, timing)

@@ -23,10 +23,31 @@ between them.
 Padding rows feed token 0 at position 0 and write no cache slot (slot -1); a padding
 sequence (in a decode bucket) has one such token and a context of one, and a short step's
 padding tokens after its sequence belong to none. Padding is never sampled.
+
+Pipeline parallelism (the engine is stage p of M, `spec.num_stages`; fusion/pipeline_split.py):
+`execute` cuts a step's sequences into up to M micro-batches of about equal token counts
+(`micro_batches`) and runs them one after another, each as a step of its own (from a graph
+where one fits). A stage's graph receives a micro-batch's hidden states from the stage before
+and sends its own to the next, so stage p + 1 works on micro-batch i while stage p works on
+micro-batch i + 1. The logits are shared once, after the last micro-batch: the last stage
+broadcasts them to every stage (`_share`), so all sample the same tokens. Were they shared
+after each micro-batch, stage 0 would wait for the last stage before starting the next one,
+and the stages would take turns. M = 2, micro-batches a and b:
+
+    time ──────────────────────────────────────▶
+    stage 0:   [ a ][ b ] · · · · · · · · ─▶ logits
+    stage 1:        [ a ][ b ] broadcast ─▶ logits
+    (a micro-batch's hidden states go from stage 0 to stage 1 as soon as stage 0 ends it)
+
+If half a batch takes half the time, a step takes 3/4 of its time as one batch ((2M - 1) / M²
+for M stages). A burst (`decode(..., num_steps)`), which needs each decode step's logits
+before the next, runs as one micro-batch and shares its logits every step; the engine bursts
+only steps of one micro-batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trtllm.kernels.attention import AttentionMetadata
+from trtllm.kernels.distributed import pipeline_broadcast
 from trtllm.lowering.engine import Engine
 
 from .kv_cache import KVCachePool
@@ -97,24 +119,48 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits `[N, V]` of the last token of each sequence with `samples=True`, in batch order.
-        The batch's copy-on-write block copies are made first."""
+        The batch's copy-on-write block copies are made first. A pipeline stage runs the batch
+        as micro-batches (`micro_batches`), then shares the last stage's logits."""
         self.pool.copy_blocks(batch.block_copies)
-        if batch.num_prefills == 0 and len(batch.sequences) <= self.max_batch_size:
-            return self.decode(batch.sequences)
-        if len(batch.sequences) == 1 and batch.num_tokens <= self.prefill_buckets[-1]:
-            (seq,) = batch.sequences
-            num_tokens = next(b for b in self.prefill_buckets if b >= batch.num_tokens)
-            self._inputs.fill(batch.sequences, num_tokens, 1)
-            return self._step((num_tokens, 1))[: int(seq.samples)]
-        rows, row = [], 0
-        for seq in batch.sequences:
-            row += len(seq.token_ids)
-            if seq.samples:
-                rows.append(row - 1)
-        return self.run(batch.sequences, rows, batch.num_prefills)
+        parts = self.micro_batches(batch.sequences)
+        if len(parts) == 1:
+            return self._share(self._forward(batch.sequences))
+        # each part's logits copied out: a graph's output buffer is rewritten by its next replay
+        return self._share(torch.cat([self._forward(part).clone() for part in parts]))  # [N, V]
+
+    def micro_batches(self, sequences: Sequence[ScheduledSequence]) -> list[Sequence[ScheduledSequence]]:
+        """How `execute` runs `sequences`: one part, or on a pipeline stage of M, up to M."""
+        return micro_batches(sequences, self.engine.spec.num_stages)
+
+    def _forward(self, sequences: Sequence[ScheduledSequence]) -> torch.Tensor:
+        """This rank's logits `[N, V]` of one step over `sequences` (a pipeline stage before
+        the last: a buffer of that shape, not computed); from a graph where one fits."""
+        num_prefills = sum(s.is_prefill for s in sequences)
+        num_tokens = sum(len(s.token_ids) for s in sequences)
+        if num_prefills == 0 and len(sequences) <= self.max_batch_size:
+            bucket = next(b for b in self.buckets if b >= len(sequences))
+            self._inputs.fill(sequences, bucket, bucket)
+            return self._step((bucket, bucket))[: len(sequences)]
+        if len(sequences) == 1 and num_tokens <= self.prefill_buckets[-1]:
+            bucket = next(b for b in self.prefill_buckets if b >= num_tokens)
+            self._inputs.fill(sequences, bucket, 1)
+            return self._step((bucket, 1))[: int(sequences[0].samples)]
+        rows = [end - 1 for end, s in zip(itertools.accumulate(len(s.token_ids) for s in sequences), sequences)
+                if s.samples]
+        return self._eager(sequences, rows, num_prefills)
+
+    def _share(self, logits: torch.Tensor) -> torch.Tensor:
+        """The last pipeline stage's logits on every stage (as they are without pipeline parallelism)."""
+        num_stages = self.engine.spec.num_stages
+        if num_stages == 1 or logits.shape[0] == 0:
+            return logits
+        return pipeline_broadcast(logits, num_stages - 1)
 
     def run(self, sequences: Sequence[ScheduledSequence], rows: list[int], num_prefills: int) -> torch.Tensor:
         """One eager step over `sequences`, returning the logits of packed rows `rows`."""
+        return self._share(self._eager(sequences, rows, num_prefills))
+
+    def _eager(self, sequences: Sequence[ScheduledSequence], rows: list[int], num_prefills: int) -> torch.Tensor:
         device = self.device
         token_ids = [t for s in sequences for t in s.token_ids]
         positions = [p for s in sequences for p in s.positions]
@@ -152,12 +198,12 @@ class ModelRunner:
         is the sampled tokens `[num_steps, n]`, still on the device (GREEDY: a view of a
         buffer that the next greedy burst rewrites, in stream order). Each sequence's block
         table must already cover its context after num_steps - 1 more tokens."""
+        if sample is None:
+            assert num_steps == 1, "a burst of decode steps needs a sampler"
+            return self._share(self._forward(sequences))
         n = len(sequences)
         bucket = next(b for b in self.buckets if b >= n)
         self._inputs.fill(sequences, bucket, bucket)
-        if sample is None:
-            assert num_steps == 1, "a burst of decode steps needs a sampler"
-            return self._step((bucket, bucket))[:n]
         return self._burst(n, bucket, num_steps, sample)
 
     def resume(self, sequences: Sequence[ScheduledSequence], last_tokens: torch.Tensor, num_steps: int,
@@ -183,13 +229,13 @@ class ModelRunner:
             for _ in range(num_steps):
                 graph = self._greedy_graphs.get(bucket)
                 if graph is None:
-                    self._greedy_tail(self._step((bucket, bucket)))
+                    self._greedy_tail(self._share(self._step((bucket, bucket))))
                 else:
                     graph.replay()
             return self._inputs.history[: num_steps * n].view(num_steps, n)
         tokens = torch.empty((num_steps, n), dtype=torch.long, device=self.device)
         for step in range(num_steps):
-            tokens[step] = sample(self._step((bucket, bucket))[:n])
+            tokens[step] = sample(self._share(self._step((bucket, bucket))[:n]))
             if step + 1 < num_steps:
                 self._inputs.advance(tokens[step])
         return tokens
@@ -199,8 +245,9 @@ class ModelRunner:
         self._inputs.advance_in_place(torch.argmax(logits, dim=-1))
 
     def _step(self, shape: tuple[int, int]) -> torch.Tensor:
-        """Logits of one step over the filled buffers, padded to `shape` = (tokens, sequences):
-        `[sequences, V]`, a row per sequence (a decode bucket) or one row (a one-sequence step)."""
+        """This rank's logits of one step over the filled buffers, padded to `shape` = (tokens,
+        sequences): `[sequences, V]`, a row per sequence (a decode bucket) or one row (a
+        one-sequence step); not yet shared between pipeline stages (`_share`)."""
         graph = self._graphs.get(shape)
         if graph is None:
             return self.engine(**self._inputs.inputs(*shape), **self._cache_inputs())
@@ -210,7 +257,8 @@ class ModelRunner:
     def capture(self, progress: bool = True) -> None:
         """Capture one CUDA graph per decode bucket and per one-sequence token bucket, largest
         first, in one shared memory pool; and per decode bucket a second graph, the greedy
-        step (the model, its argmax, the next step's inputs)."""
+        step (the model, its argmax, the next step's inputs; on a pipeline stage the logits
+        broadcast too, which the first graph leaves to `execute`, after its micro-batches)."""
         if not self.use_graphs or self._graphs:
             return
         pool = torch.cuda.graph_pool_handle()
@@ -227,11 +275,12 @@ class ModelRunner:
             self._graphs[shape] = graph
             tokens, seqs = shape
             if tokens == seqs:  # a decode bucket
-                self._greedy_tail(self._graph_logits[shape])  # compiles the tail's kernels (n = 0: writes nothing)
+                # compiles the tail's kernels (n = 0: writes nothing) and starts the broadcast's communicator
+                self._greedy_tail(self._share(self._graph_logits[shape]))
                 torch.cuda.synchronize(self.device)
                 greedy = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(greedy, pool=pool):
-                    self._greedy_tail(self.engine(**inputs))
+                    self._greedy_tail(self._share(self.engine(**inputs)))
                 self._greedy_graphs[tokens] = greedy
             torch.cuda.synchronize(self.device)
             kind = "decode" if tokens == seqs else "prefill"
@@ -241,6 +290,23 @@ class ModelRunner:
     def num_graphs(self) -> int:
         """Graphs of steps that return logits (the greedy steps' graphs are not counted)."""
         return len(self._graphs)
+
+
+def micro_batches(sequences: Sequence[ScheduledSequence], count: int) -> list[Sequence[ScheduledSequence]]:
+    """`sequences` cut into min(count, len(sequences)) runs, in order, each non-empty, of
+    about equal token counts (a sequence is never cut: prefills stay before decodes in each)."""
+    count = min(count, len(sequences))
+    if count <= 1:
+        return [sequences]
+    sizes = [len(s.token_ids) for s in sequences]
+    total, done, start, parts = sum(sizes), 0, 0, []
+    for i, size in enumerate(sizes[:-1]):
+        done += size
+        parts_after = count - len(parts) - 1  # parts still to start after the one being filled
+        if parts_after and (done * count >= total * (len(parts) + 1) or len(sizes) - i - 1 == parts_after):
+            parts.append(sequences[start: i + 1])
+            start = i + 1
+    return [*parts, sequences[start:]]
 
 
 class _StepInputs:

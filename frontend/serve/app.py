@@ -28,6 +28,7 @@ from .config import ServeConfig
 from .engine_loop import EngineLoop, QueueFullError, RequestHandle
 from .metrics import ServerMetrics
 from .protocol import ApiError, Options, parse_chat, parse_completion
+from .ranks import Leader
 from .responses import Choice, Formatter, TextStream
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -44,7 +45,9 @@ class OpenAIServer:
         self.config = config
         self.tokenizer = llm.tokenizer
         self.metrics = ServerMetrics(config.model_name)
-        self.loop = EngineLoop(llm.runtime, config.max_requests, self.metrics)
+        # a model split over ranks: the loop's adds, aborts and steps reach the other ranks too (ranks.py)
+        self.leader = Leader(llm.runtime) if llm.ranks.world_size > 1 else None
+        self.loop = EngineLoop(self.leader or llm.runtime, config.max_requests, self.metrics)
         self.created = int(time.time())
         self.draining = False  # set at shutdown: new requests get 503 while held ones finish
 
@@ -54,6 +57,12 @@ class OpenAIServer:
         yield
         self.draining = True
         await asyncio.to_thread(self.loop.stop, True)
+        self.stop_ranks()
+
+    def stop_ranks(self) -> None:
+        """After the loop's last step: the other ranks of a split model stop following."""
+        if self.leader is not None:
+            self.leader.stop()
 
     # -- checks ----------------------------------------------------------------------------
 

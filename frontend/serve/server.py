@@ -15,6 +15,7 @@ from trtllm.kernels.errors import ConfigError
 
 from .app import build_app
 from .config import ServeConfig
+from .ranks import follow
 
 
 def load_for_serving(model: str = "tiny", engine: str | None = None, **compile_options):
@@ -23,8 +24,9 @@ def load_for_serving(model: str = "tiny", engine: str | None = None, **compile_o
     tokenizer made in code)."""
     import trtllm
 
-    if engine is not None:
-        runtime = {k: v for k, v in compile_options.items() if k in ("device",)}
+    if engine is not None:  # (an engine saved split over ranks loads as it was built: a split given is checked)
+        runtime = {k: v for k, v in compile_options.items()
+                   if k == "device" or k in ("tensor_parallel", "pipeline_parallel") and v > 1}
         return trtllm.load(engine, **runtime), Path(engine).name
     if model == "tiny":
         from ..tiny import tiny_llama
@@ -55,10 +57,17 @@ def _uvicorn_server(llm, config: ServeConfig):
 
 
 def serve(llm, config: ServeConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then drain."""
+    """Serve until SIGINT or SIGTERM, then drain. A model split over ranks: rank 0 serves,
+    every other rank follows it (ranks.py) until it stops."""
+    if llm.ranks.rank != 0:
+        follow(llm.runtime)
+        return
     server = _uvicorn_server(llm, config)
     print(f"trtllm serve: {config.model_name!r} on http://{config.host}:{config.port}/v1", flush=True)
-    server.run()
+    try:
+        server.run()
+    finally:  # (the lifespan stops them after draining; not if the server never started)
+        server.config.app.state.server.stop_ranks()
 
 
 class ServerThread:

@@ -311,3 +311,23 @@ def test_programmatic_dependent_launch_changes_no_token(monkeypatch):
     monkeypatch.delenv("TRTLLM_PDL")
     assert [o.token_ids for o in with_pdl.generate(PROMPTS[1:3], params)] == expected
     assert list(with_pdl.stream(PROMPTS[4], params[0])) == list(without.stream(PROMPTS[4], params[0]))
+
+
+def test_micro_batches_cut_in_order_by_tokens():
+    from trtllm.runtime.model_runner import micro_batches
+    from trtllm.runtime.scheduler import ScheduledSequence
+
+    def seqs(*lengths):
+        return [ScheduledSequence(f"r{i}", [5] * n, list(range(n)), n, [i], n > 1, True) for i, n in enumerate(lengths)]
+
+    def sizes(parts):
+        return [[len(s.token_ids) for s in part] for part in parts]
+
+    assert sizes(micro_batches(seqs(100, 1, 1, 1), 2)) == [[100], [1, 1, 1]]
+    assert sizes(micro_batches(seqs(1, 1, 1, 1), 2)) == [[1, 1], [1, 1]]
+    assert sizes(micro_batches(seqs(30, 20, 10, 1, 1), 3)) == [[30], [20], [10, 1, 1]]
+    assert sizes(micro_batches(seqs(1, 1, 50), 3)) == [[1], [1], [50]]  # never an empty part
+    assert sizes(micro_batches(seqs(7, 3), 4)) == [[7], [3]]  # at most one part per sequence
+    assert sizes(micro_batches(seqs(7, 3), 1)) == [[7, 3]]
+    parts = micro_batches(seqs(*range(1, 12)), 4)
+    assert [s for part in parts for s in part] == seqs(*range(1, 12)) and len(parts) == 4
