@@ -57,7 +57,8 @@ def main() -> None:
         q, out, cu, lens, cache, tables, scales = inputs(batch, context, heads, kv_heads, head_dim, fp8,
                                                          args.table_tokens)
         nbytes = batch * context * kv_heads * head_dim * 2 * cache.element_size()
-        default = AD.decode_tiles(head_dim, 0, fp8)
+        splits = AD._decode_splits(batch, kv_heads, tables.shape[1] * BLOCK, q.device)
+        default = AD.decode_tiles(head_dim, batch * kv_heads * splits, AD._num_sms(q.device), fp8)  # the engine's
         times = {}
         for tiles in TILES:
             step = functools.partial(AD._decode, q, out, cu, lens, cache, tables, scale=head_dim**-0.5,

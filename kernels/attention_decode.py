@@ -274,12 +274,17 @@ class DecodeTiles(NamedTuple):
     num_stages: int
 
 
-def decode_tiles(head_dim: int, programs: int, fp8: bool) -> DecodeTiles:
-    """The decode kernel's tile: 64 keys a step (32 past head dim 128); an fp8 cache on 2 warps
-    and 4 stages, a 16-bit one on 4 warps and 2. `benchmarks/decode_attention_tiles.py` on an
-    H100 (2026-11-25, decode_tiles_2026-11-25_h100.txt; Llama-3-8B heads, 256 x 192 and
-    64 x 2176 keys): the fp8 cache 17% and 10% faster than on 4 warps and 3 stages, the bf16 one
-    2.5% and 0%."""
+def decode_tiles(head_dim: int, programs: int, num_sms: int, fp8: bool) -> DecodeTiles:
+    """The decode kernel's tile. `benchmarks/decode_attention_tiles.py` on an H100 (2026-11-25,
+    decode_tiles_2026-11-25_h100.txt, decode_tiles_b1_2026-11-25_h100.json; Llama-3-8B and -3.2-1B heads):
+    - at most two programs per SM (one sequence, its context split 16 ways: each program
+      takes a few keys): 32 keys a step on 4 warps, 2 stages; at batch 1, 256 keys, 5.1 us
+      against 6.0 (bf16) and 5.6 against 8.6 (fp8 cache);
+    - else 64 keys a step (32 past head dim 128); an fp8 cache on 2 warps and 4 stages: 17%
+      and 10% faster than on 4 warps and 3 stages at 256 x 192 and 64 x 2176 keys; a 16-bit
+      one on 4 warps and 2 stages (2.5% and 0%)."""
+    if programs <= 2 * num_sms:
+        return DecodeTiles(32, 4, 2)
     return DecodeTiles(64 if head_dim <= 128 else 32, 2 if fp8 else 4, 4 if fp8 else 2)
 
 
@@ -340,7 +345,7 @@ def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softca
             counters = _arrival_counters(q.device, num_seqs * num_kv_heads)
     rope = new_tokens is not None
     fp8 = is_fp8(cache)
-    tiles = decode_tiles(head_dim, num_seqs * num_kv_heads * splits, fp8)
+    tiles = decode_tiles(head_dim, num_seqs * num_kv_heads * splits, _num_sms(q.device), fp8)
     if rope:
         k, v, cos, sin, slots, interleaved = new_tokens
         rope_args = (k, v, cos, sin, slots)
