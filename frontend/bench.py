@@ -14,7 +14,8 @@ model hub; speed does not depend on the values), in this order:
    b. batch-1 decode: tokens/s over `new_tokens` greedy tokens;
    c. time to first token for a 128- and a 2048-token prompt (median of a few);
    d. throughput: output tokens/s at input/output lengths 128/128 and 2048/128, with N
-      requests queued at once and run through in-flight batching;
+      requests queued at once and run through in-flight batching (after a warm-up run of the
+      same requests; median of `repeats`);
    e. for a quantized dtype, its accuracy against the same model unquantized (the quantized
       dtype's compute dtype: bf16 on a GPU, fp32 on CPU): every position's logits over a fixed
       set of prompts (8 x 64 generated token ids, seed 4), see `logits_error`;
@@ -274,8 +275,9 @@ def _speed(llm, config: BenchConfig, vocab: int, stage) -> dict:
     for input_len, output_len, requests in config.throughput:
         prompts = _prompts(requests, input_len, vocab, 3)
         params = trtllm.SamplingParams(max_new_tokens=output_len, ignore_eos=True)
-        llm.generate(prompts[: min(4, requests)], params)  # warm-up
-        run = _timed_generate(llm, prompts, params)
+        # warm-up on the whole set: its steps' shapes (many sequences, chunked prefills mixed with
+        # decodes) compile kernels a few prompts' steps do not, which must not land in the timing
+        run = _median_run(llm, prompts, params, config.repeats)
         result["throughput"][f"{input_len}/{output_len}"] = {
             **run, "requests": requests, "output_tok_s": round(run["output_tokens"] / run["wall_s"], 1)}
     return result
