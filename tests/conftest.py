@@ -142,3 +142,20 @@ def free_ports(count: int) -> list[int]:
     for sock in sockets:
         sock.close()
     return ports
+
+
+def wait_until_healthy(port: int, processes: list, timeout: float = 120.0) -> None:
+    """Poll the loopback server's /health until it answers 200, failing if any of the server's
+    `processes` (subprocess.Popen) exits first or `timeout` seconds pass."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline, "the server did not come up"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)

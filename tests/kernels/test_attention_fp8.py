@@ -169,14 +169,21 @@ def test_triton_rope_decode_fp8(splits, fused, monkeypatch):
     force_splits(monkeypatch, splits)
     if not fused:
         monkeypatch.setenv("TRTLLM_DECODE_ATTENTION_FUSION", "0")
-    scales = kv_scales(0.03, 0.01)
-    *qkv, cache, cu, lens, tables, slots = decode_step(DECODES, heads=(8, 2))
+    check_rope_decode(decode_step(DECODES, heads=(8, 2)), kv_scales(0.03, 0.01), (0.25, True, -1, 0.0),
+                      len(DECODES))
+
+
+def check_rope_decode(step: tuple, scales, attention: tuple, num_real: int) -> None:
+    """rope_cached_attention_triton against the reference on one decode step (decode_step's
+    tensors, its cache quantized by `scales`; attention: (scale, causal, window, softcap)): the
+    first num_real rows within the float tolerance, the caches bit for bit."""
+    *qkv, cache, cu, lens, tables, slots = step
     cache = quantize_kv_ref(cache, scales[:, None, None, None])
-    args = (cu, lens, tables, slots, 0, 0.25, True, -1, 0.0, scales)
+    args = (cu, lens, tables, slots, 0, *attention, scales)
     ref_cache, tri_cache = cache.clone(), cache.clone()
     ref = A.rope_cached_attention_ref(*qkv, ref_cache, *args)
     out = AT.rope_cached_attention_triton(*qkv, tri_cache, *args)
-    real = slice(0, len(DECODES))
+    real = slice(0, num_real)
     close(out[real], ref[real])
     same_cache(tri_cache, ref_cache)
 
@@ -321,16 +328,8 @@ def check_llama_8b_rope_decode(ctx_lens, dtype):
     """The rope decode at LLAMA_8B: outputs of the real sequences within the float tolerance
     of the reference's, the cache bit for bit (rope rounds as the reference does, then the same
     division and rounding to E4M3)."""
-    scales = kv_scales(*SCALES_8B)
-    *qkv, cache, cu, lens, tables, slots = decode_step(ctx_lens, dtype=dtype, rot_dim=128, **LLAMA_8B)
-    cache = quantize_kv_ref(cache, scales[:, None, None, None])
-    args = (cu, lens, tables, slots, 0, *ATTN_8B, scales)
-    ref_cache, tri_cache = cache.clone(), cache.clone()
-    ref = A.rope_cached_attention_ref(*qkv, ref_cache, *args)
-    out = AT.rope_cached_attention_triton(*qkv, tri_cache, *args)
-    real = slice(0, len(ctx_lens))
-    close(out[real], ref[real])
-    same_cache(tri_cache, ref_cache)
+    check_rope_decode(decode_step(ctx_lens, dtype=dtype, rot_dim=128, **LLAMA_8B), kv_scales(*SCALES_8B), ATTN_8B,
+                      len(ctx_lens))
 
 
 def test_llama_8b_shapes_fp8():

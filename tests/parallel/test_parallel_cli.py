@@ -10,11 +10,9 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
-from conftest import free_ports
+from conftest import free_ports, wait_until_healthy
 from parallel_helpers import WORLD, launch_env, ranks, worker_dir  # noqa: F401 (fixtures)
 
 import trtllm
@@ -62,14 +60,7 @@ def test_serve_with_pp_answers_from_rank_0_with_the_one_process_tokens(ranks, wo
                               "--device", "cpu"])
     prompts = ["Once upon a time", "The capital of"]
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert all(p.poll() is None for p in processes) and time.monotonic() < deadline, "no server came up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_healthy(port, processes)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         out = client.completions.create(model="built_pp", prompt=prompts, max_tokens=8, temperature=0,
                                         extra_body={"return_token_ids": True, "ignore_eos": True})

@@ -5,38 +5,23 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import free_ports, wait_until_healthy
 
 
 def test_trtllm_serve_answers_chat_and_stops_on_sigterm():
-    port = _free_port()
+    port = free_ports(1)[0]
     command = [sys.executable, "-c", "import sys; from trtllm.frontend.cli import main; sys.exit(main())", "serve",
                "--port", str(port), "--api-key", "secret", "--max-batch-size", "4", "--max-seq-len", "128",
                "--device", "cpu"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "TRITON_INTERPRET": "1"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_healthy(port, [process])
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0)
         out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
                                              max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
