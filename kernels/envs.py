@@ -50,3 +50,9 @@ def tensorrt_root() -> Path | None:
     C++ plugins of plugins_cpp/tensorrt (plugins_cpp/tensorrt_plugins.py)."""
     value = os.environ.get("TENSORRT_ROOT")
     return Path(value) if value else None
+
+
+def trace_all_layers() -> bool:
+    """`TRTLLM_TRACE_ALL_LAYERS=1`: torch.export traces every decoder layer, instead of the
+    first three with copies of the third for the rest (frontend/tracer/layers.py)."""
+    return os.environ.get("TRTLLM_TRACE_ALL_LAYERS", "0") == "1"
