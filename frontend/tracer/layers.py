@@ -271,9 +271,9 @@ def _register(gm: GraphModule, like: str, target: str, value: torch.Tensor) -> N
     owner = gm
     *parents, leaf = target.split(".")
     for part in parents:
-        if not hasattr(owner, part):
+        if part not in owner._modules:
             owner.add_module(part, torch.nn.Module())
-        owner = getattr(owner, part)
+        owner = owner._modules[part]
     if like_leaf in like_owner._parameters:
         owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
     else:
