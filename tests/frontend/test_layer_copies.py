@@ -167,3 +167,16 @@ def test_first_layers_puts_the_list_back():
             assert len(model.model.layers) == 2 and model.model.layers[1] is original[1]
             raise RuntimeError("inside")
     assert model.model.layers is original
+
+
+@pytest.mark.gpu
+def test_copied_layers_on_the_gpu_in_bf16(replicated, monkeypatch):
+    """The fake weights of the copies are made on the trace's device and dtype."""
+    model = _model("Llama")
+    cuda = torch.device("cuda")
+    copied = trace(model, dtype=torch.bfloat16, device=cuda)
+    assert replicated == [True]
+    monkeypatch.setenv("TRTLLM_TRACE_ALL_LAYERS", "1")
+    whole = trace(model, dtype=torch.bfloat16, device=cuda)
+    assert _nodes(copied.graph_module.graph) == _nodes(whole.graph_module.graph)
+    assert all(t.device.type == "cuda" and t.dtype == torch.bfloat16 for t in copied.graph_module.parameters())
