@@ -51,9 +51,10 @@ def repeated_layers(model: torch.nn.Module) -> str | None:
         return None
     lists = [(name, m) for name, m in model.named_modules()
              if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers]
-    if len(lists) != 1:
+    outer = [(name, m) for name, m in lists if not any(name.startswith(f"{o}.") for o, _ in lists)]  # not experts
+    if len(outer) != 1:
         return None
-    name, layers = lists[0]
+    name, layers = outer[0]
     if not _same_settings([_settings(layer) for layer in layers]) or not _own_weights(model, layers):
         return None
     per_layer = [v for v in vars(config).values() if isinstance(v, (list, tuple)) and len(v) == num_layers]

@@ -153,6 +153,14 @@ def test_layers_that_differ_are_not_copied(change):
     assert layers.repeated_layers(model) is None
 
 
+def test_lists_inside_the_layers_are_not_the_layers():
+    """Experts kept in a ModuleList as long as the layers' (32 experts, 32 layers)."""
+    model = tiny_llama(num_hidden_layers=NUM_LAYERS)
+    for layer in model.model.layers:
+        layer.mlp.experts = torch.nn.ModuleList(torch.nn.Identity() for _ in range(NUM_LAYERS))
+    assert layers.repeated_layers(model) == "model.layers"
+
+
 def test_few_layers_and_the_switch_trace_everything(monkeypatch):
     assert layers.repeated_layers(tiny_llama(num_hidden_layers=layers.TRACED)) is None
     monkeypatch.setenv("TRTLLM_TRACE_ALL_LAYERS", "1")
