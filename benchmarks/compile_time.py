@@ -2,6 +2,7 @@
 
     python benchmarks/compile_time.py [--layers 32] [--hidden 256] [--repeat 2] [--passes] [--profile out.prof]
     python benchmarks/compile_time.py --shape llama-3-8b --dtype bf16 --device cuda
+    python benchmarks/compile_time.py --shape llama-3-8b --dtype bf16 --device meta
 
 Trace and fusion time depend on the number of graph nodes, not on tensor sizes, so the default
 model, a Llama with the 8B's 32 layers and small hidden sizes in fp32, measures them on any CPU.
@@ -9,6 +10,8 @@ model, a Llama with the 8B's 32 layers and small hidden sizes in fp32, measures 
 as the bench does, then generates the first token (the bench's "loaded model -> first token").
 The first compile in the process is the one that counts (pattern graphs are traced then);
 `--repeat` adds later ones. `--profile` writes cProfile stats of the first compile.
+`--device meta` makes the model's weights on the meta device (no memory) and runs only the
+stages that need no real weights: trace, fusion and the step passes, as `compile` runs them.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import trtllm  # noqa: E402
-from trtllm.frontend.bench import BenchConfig, make_model  # noqa: E402
-from trtllm.fusion import format_report  # noqa: E402
+from trtllm.frontend.api import split_step_passes  # noqa: E402
+from trtllm.frontend.bench import SHAPES, BenchConfig, make_model  # noqa: E402
+from trtllm.frontend.tracer import trace  # noqa: E402
+from trtllm.fusion import format_report, pipeline, run_passes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +48,8 @@ def make_llama(layers: int, hidden: int, dtype: torch.dtype) -> torch.nn.Module:
 
 def compile_once(model: torch.nn.Module, args: argparse.Namespace) -> str:
     """One compile (the bench's, for a `--shape`), as a line of stage times."""
+    if args.device == "meta":
+        return graph_stages(model, args)
     start = time.perf_counter()
     if args.shape is None:
         compiled = trtllm.compile(model, dtype=args.dtype, device=args.device, max_batch_size=1, max_seq_len=64)
@@ -64,6 +71,23 @@ def compile_once(model: torch.nn.Module, args: argparse.Namespace) -> str:
     return f"{stages} compile={compiled.compile_seconds:.2f}{first_token} s{report}"
 
 
+def graph_stages(model: torch.nn.Module, args: argparse.Namespace) -> str:
+    """The stages of `compile` before weights are prepared, on a model whose weights are on
+    the meta device, as a line of stage times."""
+    stages, reports = {}, []
+    start = time.perf_counter()
+    traced = trace(model, dtype=DTYPES[args.dtype], device=torch.device("meta"))
+    stages["trace"] = time.perf_counter() - start
+    stateless_passes, step_passes = split_step_passes(pipeline())
+    for stage, passes in (("fusion", stateless_passes), ("step_passes", step_passes)):
+        start = time.perf_counter()
+        reports += run_passes(traced.graph_module, passes)
+        stages[stage] = time.perf_counter() - start
+    line = " ".join(f"{k}={v:.2f}" for k, v in stages.items())
+    report = f"\n{format_report(reports)}" if args.passes else ""
+    return f"{line} total={sum(stages.values()):.2f} s (no weights, lowering or runtime on meta){report}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", help="a built-in shape of `trtllm bench` (llama-3-8b, ...) instead of --layers/--hidden")
@@ -78,6 +102,9 @@ def main() -> None:
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     if args.shape is None:
         model = make_llama(args.layers, args.hidden, dtype).to(device)
+    elif device.type == "meta":
+        with device:
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(dtype).eval()
     else:
         model = make_model(args.shape, dtype, device)
     for index in range(args.repeat):

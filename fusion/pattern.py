@@ -179,6 +179,7 @@ class Pattern:
         ):
             raise TrtllmError(f"pattern {name!r}: search traces to nothing to match (it only returns its inputs)")
         self._check_bound_arguments()
+        self._search_args = {n: _flat_args(n) for n in self.search.nodes}  # each search node's, once
         if len(_outputs(self.replacement)) != len(self.outputs):
             raise TrtllmError(
                 f"pattern {name!r}: search returns {len(self.outputs)} values, replacement "
@@ -207,10 +208,14 @@ class Pattern:
         """Non-overlapping matches in graph order."""
         matches, taken = [], set()
         anchor = self.outputs[0]
+        by_target: dict[Any, list[Node]] = {}  # call_function nodes by op, in graph order: one pass over the graph
         for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target != anchor.target or node in taken:
+            if node.op == "call_function":
+                by_target.setdefault(node.target, []).append(node)
+        for node in by_target.get(anchor.target, []):
+            if node in taken:
                 continue
-            match = self._match_from(anchor, node, gm)
+            match = self._match_from(anchor, node, by_target)
             if match is None or taken & set(match.nodes.values()):
                 continue
             taken |= set(match.nodes.values())
@@ -233,16 +238,16 @@ class Pattern:
 
     # -- matching ---------------------------------------------------------------------------
 
-    def _match_from(self, anchor: Node, node: Node, gm: GraphModule) -> Match | None:
+    def _match_from(self, anchor: Node, node: Node, by_target: dict[Any, list[Node]]) -> Match | None:
         match = Match()
         if not self._match_node(anchor, node, match):
             return None
         for other in self.outputs[1:]:  # several outputs: each must match too
             if other.name in match.nodes:
                 continue
-            for candidate in gm.graph.nodes:
+            for candidate in by_target.get(other.target, []):
                 trial = match.copy()
-                if candidate.op == "call_function" and self._match_node(other, candidate, trial):
+                if self._match_node(other, candidate, trial):
                     match = trial
                     break
             else:
@@ -267,7 +272,7 @@ class Pattern:
         if gn in match.nodes.values():
             return False
         match.nodes[pn.name] = gn
-        p_args, g_args = _flat_args(pn), _flat_args(gn)
+        p_args, g_args = self._search_args[pn], _flat_args(gn)
         return len(p_args) == len(g_args) and all(
             self._match_arg(pn, i, pa, ga, match) for i, (pa, ga) in enumerate(zip(p_args, g_args))
         )

@@ -57,3 +57,9 @@ def fp8_activation_fusion() -> bool:
     activations' quantization (the fp8_activations pass, fusion/fp8_activations.py, out of the
     pipeline: fp8_gemm quantizes its float x itself), for comparison; on by default."""
     return os.environ.get("TRTLLM_FP8_NORM_FUSION", "1") != "0"
+
+
+def trace_all_layers() -> bool:
+    """`TRTLLM_TRACE_ALL_LAYERS=1`: torch.export traces every decoder layer, instead of the
+    first three with copies of the third for the rest (frontend/tracer/layers.py)."""
+    return os.environ.get("TRTLLM_TRACE_ALL_LAYERS", "0") == "1"

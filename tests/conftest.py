@@ -88,13 +88,16 @@ FAMILY_SIZES = dict(n_embd=128, n_layer=2, n_head=4, ffn_dim=256, word_embed_pro
                     moe_intermediate_size=64, shared_expert_intermediate_size=64)
 
 
-def make_family(family: str) -> torch.nn.Module:
-    """A tiny `transformers.<family>ForCausalLM` (e.g. "OPT", "GPTNeoX") from TINY_CONFIG."""
+def make_family(family: str, **overrides) -> torch.nn.Module:
+    """A tiny `transformers.<family>ForCausalLM` (e.g. "OPT", "GPTNeoX") from TINY_CONFIG;
+    `overrides` set config fields last (`num_hidden_layers=6`)."""
     import transformers
 
-    config = getattr(transformers, f"{family}Config")(**TINY_CONFIG)
+    # through the constructor, which derives fields from them (Gemma-2's layer_types)
+    config = getattr(transformers, f"{family}Config")(**{**TINY_CONFIG, **overrides})
+    overridden = {config.attribute_map.get(k, k) for k in overrides}
     for key, value in FAMILY_SIZES.items():
-        if hasattr(config, key):
+        if hasattr(config, key) and config.attribute_map.get(key, key) not in overridden:
             setattr(config, key, value)
     torch.manual_seed(0)
     return widen_weights(getattr(transformers, f"{family}ForCausalLM")(config), seed=0).eval()

@@ -9,7 +9,14 @@ target to the user's own tensor, which lowering prepares once.
 
 torch.export's program is decomposed to the fusion passes' aten level node by node
 (`fusion/decompose.py`: about 10 s less for 32 layers than `run_decompositions`, which
-retraces the whole program and stays the fallback for graphs with mutations).
+retraces the whole program and stays the fallback for graphs with mutations). A model whose
+decoder layers repeat one another is traced with three of them and the third copied for the
+rest (`layers.py`: a 32-layer trace in the time of a 3-layer one).
+
+The graph module is torch.fx's lazy one: `recompile()` (after every rewrite of the tracer and
+of each fusion pass) only marks it stale, and its code is generated when it is run or
+printed. Nothing runs the traced module during a compile (lowering builds its own), and each
+code generation of a 32-layer graph cost about 0.1 s.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.nn.utils import stateless
 
@@ -31,7 +39,7 @@ from trtllm.fusion.graph import aten_decompositions
 from trtllm.kernels.errors import UnsupportedModelError
 from trtllm.lowering.spec import ModelSpec
 
-from . import hf
+from . import hf, layers
 
 
 class _CausalLM(torch.nn.Module):
@@ -97,9 +105,34 @@ def _takes_position_ids(model: torch.nn.Module) -> bool:
 
 
 def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
-    """Run torch.export on the user's model; returns (graph_module, weights)."""
+    """Run torch.export on the user's model; returns (graph_module, weights). Repeated decoder
+    layers are traced three times and copied for the rest (`layers.py`)."""
     is_hf = hf.is_hf_model(model)
     wrapper = _CausalLM(model, _takes_position_ids(model), is_hf)
+    graph_module = None
+    repeated = layers.repeated_layers(model) if is_hf else None
+    if repeated is not None:
+        try:
+            with layers.first_layers(model, repeated, layers.TRACED):
+                graph_module = _export(wrapper, is_hf, dtype, device)
+        except Exception:  # a model that reads all its layers (by config count): traced whole below
+            graph_module = None
+        if graph_module is not None and not layers.replicate(graph_module, f"model.{repeated}",
+                                                             model.config.num_hidden_layers):
+            graph_module = None
+    if graph_module is None:
+        graph_module = _export(wrapper, is_hf, dtype, device)
+    real = dict(wrapper.named_parameters(remove_duplicate=False))
+    real.update(wrapper.named_buffers(remove_duplicate=False))
+    weights = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            weights[node.target] = _real_attr(graph_module, node.target, real)
+    return graph_module, weights
+
+
+def _export(wrapper: _CausalLM, is_hf: bool, dtype: torch.dtype, device: torch.device) -> torch.fx.GraphModule:
+    """The wrapped model as a decomposed GraphModule with fake parameters."""
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fake_state = _fake_state(wrapper, fake_mode, dtype, device)
     with fake_mode:
@@ -112,19 +145,13 @@ def export(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
     with warnings.catch_warnings():
         # torch.export's own pytree code warns about its own deprecated LeafSpec use.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        with _eval_mode(model), hf.routed_attention(model), torch.no_grad():
+        with _eval_mode(wrapper.model), hf.routed_attention(wrapper.model), torch.no_grad():
             with stateless._reparametrize_module(wrapper, fake_state, tie_weights=True):
                 program = torch.export.export(wrapper, (ids, pos), dynamic_shapes=dynamic, strict=False)
-        graph_module = program.module()
+        graph_module = _LazyGraphModule.from_graphmodule(program.module())
         if not decompose(graph_module):  # mutations (MoE routing) or higher-order ops: the full retrace
-            graph_module = program.run_decompositions(aten_decompositions()).module()
-    real = dict(wrapper.named_parameters(remove_duplicate=False))
-    real.update(wrapper.named_buffers(remove_duplicate=False))
-    weights = {}
-    for node in graph_module.graph.nodes:
-        if node.op == "get_attr":
-            weights[node.target] = _real_attr(graph_module, node.target, real)
-    return graph_module, weights
+            graph_module = _LazyGraphModule.from_graphmodule(program.run_decompositions(aten_decompositions()).module())
+    return graph_module
 
 
 def _real_attr(graph_module: torch.fx.GraphModule, target: str, real: dict) -> torch.Tensor:
