@@ -1,7 +1,7 @@
 """The int4 decode GEMV (int4_gemv._int4_gemv_kernel) config by config, against its autotuned pick
 and bf16 cuBLAS.
 
-    python benchmarks/int4_gemv.py --out int4_gemv.json [--ms 1,2,4] [--models llama-3-8b]
+    python benchmarks/int4_gemv.py --out int4_gemv.json [--ms 1,2,4] [--models llama-3-8b] [--offset-pos 15]
 
 For each decode GEMM of the models (benchmarks/gemv.py's MODELS, no bias, act "none") at M
 tokens, with bf16 activations and int4 weights in groups of 128: every config of the M bucket
@@ -10,6 +10,7 @@ F.linear on the bf16 weight. Every time is the median of CUDA-graph replays that
 enough weight copies to exceed L2 3 times (kernel_bench.graph_ms); "%bw" is the bytes a call
 moves (packed weight, scales, x, out) over the copy bandwidth measured at the start. Per model,
 a token's GEMMs: layers x (qkv + o + gate_up + down) + LM head, for the autotuned int4 and cuBLAS.
+`--offset-pos`: the GEMV's int4_gemv.INT4_OFFSET_POS for the run (0: exact nibbles).
 """
 
 from __future__ import annotations
@@ -77,10 +78,13 @@ def bench_shape(n: int, k: int, ms: list[int], bandwidth: float) -> list[dict]:
 
 
 def main():
-    args = shape_parser(__doc__, "int4_gemv.json", "1").parse_args()
+    parser = shape_parser(__doc__, "int4_gemv.json", "1")
+    parser.add_argument("--offset-pos", type=int, default=I4.INT4_OFFSET_POS, choices=[0, 12, 13, 14, 15])
+    args = parser.parse_args()
+    I4.INT4_OFFSET_POS = args.offset_pos
     bandwidth, result = start_run("benchmarks/int4_gemv.py")
     ms = [int(m) for m in args.ms.split(",")]
-    result.update(group_size=GROUP_SIZE, rows={}, per_token={})
+    result.update(group_size=GROUP_SIZE, offset_pos=args.offset_pos, rows={}, per_token={})
     for model in args.models.split(","):
         num_layers, shapes = MODELS[model]
         for gemm, (n, k) in shapes.items():

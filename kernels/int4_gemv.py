@@ -4,9 +4,11 @@
     x [M, K] float @ dequant(w [N, K // 8] int32 words of pack_int4, scales [N, K // group])^T
         + bias, activation -> out [M, N]
 
-Per weight: one LOP3 (the nibble into a float's mantissa), one float subtract and one FMA per
-token, in float32; each thread reuses its x values for all of its weight rows, and a group's
-scale multiplies the group's sum (see wo_gemm.py's notes for the H100 figures).
+Per weight: one LOP3 (the nibble into a float's mantissa) and one FMA per token, in float32,
+the nibble's offset taken off once per group and token (_int4_offset_products; or, with
+INT4_OFFSET_POS = 0, one float subtract a weight more); each thread reuses its x values for
+all of its weight rows, and a group's scale multiplies the group's sum (see wo_gemm.py's notes
+for the H100 figures).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from .pdl import enabled as pdl_enabled
 from .pdl import pdl_start
 
 INT4_MAGIC = 0x4B000000  # float32 2^23, the int4 GEMV's magic number (_nibble)
+# The int4 GEMV multiplies offset nibbles, two a shifted word at bits POS and POS + 4 (12 to
+# 15), and takes the offsets off per group (_int4_offset_products); 0: exact nibbles, one more
+# float subtract a weight (benchmarks/int4_gemv.py compares them).
+INT4_OFFSET_POS = 15
 
 
 def _int4_config(block_m: int, block_n: int, block_kb: int, num_warps: int, prefetch: bool) -> triton.Config:
@@ -66,7 +72,7 @@ def _int4_subs_per_step(args: dict) -> int:
 
 @triton.autotune(
     configs=[c for cs in _INT4_GEMV_CONFIGS.values() for c in cs],
-    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],  # the autotuner adds the dtypes
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE", "OFFSET_POS"],  # the autotuner adds the dtypes
     prune_configs_by={"early_config_prune": _int4_configs_for_m_bucket},
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
 )
@@ -78,7 +84,7 @@ def _int4_gemv_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, PREFETCH: tl.constexpr,
-    SUBS: tl.constexpr,
+    OFFSET_POS: tl.constexpr, SUBS: tl.constexpr,
 ):
     """out[M, N] = act(x[M, K] @ dequant(w)^T + bias[N]) for a few rows of x, float32 products on
     the CUDA cores. w: pack_int4's int32 words [N, K // 8] (row stride a multiple of 4 words),
@@ -88,7 +94,9 @@ def _int4_gemv_kernel(
     so that Triton lays the weights and every x plane out alike (threads along K, each holding
     all rows): with a separate groups dimension Triton 3.6 put threads along the weight rows and
     moved each x plane through shared memory, at a third of copy bandwidth. PREFETCH: the next
-    step's words are loaded before this step's math (else after it). Program pid takes row tile
+    step's words are loaded before this step's math (else after it). OFFSET_POS: products of
+    offset nibbles, each group's offsets taken off once (_int4_offset_products), else (0) of the
+    nibbles made exact first (_int4_word_products). Program pid takes row tile
     pid % cdiv(M, BLOCK_M) of x and row tile pid // cdiv(M, BLOCK_M) of w (gemv_tile)."""
     WORDS: tl.constexpr = GROUP_SIZE // 8  # int32 words per row and group
     STEP_WORDS: tl.constexpr = SUBS * WORDS
@@ -106,27 +114,76 @@ def _int4_gemv_kernel(
         w_next = tl.load(w_ptrs + STEP_WORDS)
         if PREFETCH:
             if magic != 0:  # always: ptxas keeps the loads above this branch, in flight during the step's math
-                acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS)
+                acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS, OFFSET_POS)
         else:  # ptxas sinks the loads below the math: fewer registers, more programs per SM
-            acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS)
+            acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS, OFFSET_POS)
         w = w_next
         w_ptrs += STEP_WORDS
         x_ptrs += SUBS * GROUP_SIZE
         s_ptrs += SUBS
-    acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS)
+    acc += _int4_step(w, x_ptrs, s_ptrs, magic, SUBS, WORDS, OFFSET_POS)
     acc = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     gemm_epilogue(acc, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, HAS_BIAS, ACT, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _int4_step(w, x_ptrs, s_ptrs, magic, SUBS: tl.constexpr, WORDS: tl.constexpr):
+def _int4_step(w, x_ptrs, s_ptrs, magic, SUBS: tl.constexpr, WORDS: tl.constexpr, OFFSET_POS: tl.constexpr):
     """One step's scaled group sums [BLOCK_M, BLOCK_N, SUBS]: the words' products summed per
     group (over its WORDS words), times the group's scale (s_ptrs [1, BLOCK_N, SUBS]). Summed
     before scaling, a step's sums are one value per row and group, so that only these few move
-    to the scales' layout (the products, one per word, would go through shared memory)."""
-    p = _int4_word_products(w, x_ptrs, magic)  # [BLOCK_M, BLOCK_N, SUBS * WORDS]
-    p = tl.sum(tl.reshape(p, (p.shape[0], p.shape[1], SUBS, WORDS)), axis=3)  # [BLOCK_M, BLOCK_N, SUBS]
+    to the scales' layout (the products, one per word, would go through shared memory).
+    OFFSET_POS: the products are of offset nibbles, and each group's offsets (a sum over x
+    alone, [BLOCK_M, 1, SUBS], shared by the BLOCK_N weight rows) come off its sum."""
+    if OFFSET_POS:
+        p, offsets = _int4_offset_products(w, x_ptrs, magic, OFFSET_POS)  # [BLOCK_M, BLOCK_N | 1, SUBS * WORDS]
+        p = tl.sum(tl.reshape(p, (p.shape[0], p.shape[1], SUBS, WORDS)), axis=3)  # [BLOCK_M, BLOCK_N, SUBS]
+        p -= tl.sum(tl.reshape(offsets, (offsets.shape[0], 1, SUBS, WORDS)), axis=3)  # [BLOCK_M, 1, SUBS]
+    else:
+        p = _int4_word_products(w, x_ptrs, magic)  # [BLOCK_M, BLOCK_N, SUBS * WORDS]
+        p = tl.sum(tl.reshape(p, (p.shape[0], p.shape[1], SUBS, WORDS)), axis=3)  # [BLOCK_M, BLOCK_N, SUBS]
     return p * tl.load(s_ptrs).to(tl.float32)
+
+
+@triton.jit
+def _int4_offset_products(w, x_ptrs, magic, POS: tl.constexpr):
+    """Each int32 word's 8 weights, as offset nibbles, times their x, summed, and the offsets'
+    share of that sum, to be taken off once per group: (p [BLOCK_M, BLOCK_N, WORDS],
+    offsets [BLOCK_M, 1, WORDS]), float32, with p - offsets the words' sums of (n - 8) x.
+
+    A nibble n at bits POS..POS+3 ORed into the mantissa of the float 2^(23 - POS) reads
+    2^(23 - POS) + n exactly (_offset_nibble), and enters an FMA as it is: one LOP3 and one FMA
+    per weight and token, the subtract of _nibble gone. Each word is shifted to put two of its
+    nibbles at bits POS and POS + 4 (12 <= POS <= 15, so both lie under the exponent): nibbles
+    3, 4 (at bits 12, 16), 1, 2 (4, 8), 5, 6 (20, 24) and, rotated, 7, 0 (28, 0); at POS 12
+    the first pair needs no shift. The offsets, 2^(23 - POS) + 8 times the x of the lower
+    nibbles and 2^(19 - POS) + 8 times the others', depend on x alone. The cost is precision:
+    float32 sums of terms about 2^(23 - POS) |x| large, each FMA rounding within
+    2^(-1 - POS) |x| or so, against |(n - 8) x| about 4 |x|: at K = 4096 with float32 x,
+    1.1e-5 of the output's largest value off wo_gemm_ref's at POS 15, 6.4e-5 at POS 12, 6e-7
+    with exact nibbles (tests/kernels/test_wo_gemm_triton.py); bfloat16's rounding is 4e-3."""
+    wu = w.to(tl.uint32, bitcast=True)
+    w_34 = (wu << (POS - 12)).to(tl.int32, bitcast=True)
+    w_12 = (wu << (POS - 4)).to(tl.int32, bitcast=True)
+    w_56 = (wu >> (20 - POS)).to(tl.int32, bitcast=True)
+    w_70 = ((wu << (POS + 4)) | (wu >> (28 - POS))).to(tl.int32, bitcast=True)  # a rotation: one funnel shift
+    x0 = tl.load(x_ptrs).to(tl.float32)
+    x1 = tl.load(x_ptrs + 4).to(tl.float32)
+    x2 = tl.load(x_ptrs + 8).to(tl.float32)
+    x3 = tl.load(x_ptrs + 12).to(tl.float32)
+    x4 = tl.load(x_ptrs + 16).to(tl.float32)
+    x5 = tl.load(x_ptrs + 20).to(tl.float32)
+    x6 = tl.load(x_ptrs + 24).to(tl.float32)
+    x7 = tl.load(x_ptrs + 28).to(tl.float32)
+    p = x3 * _offset_nibble(w_34, magic, POS)
+    p += x4 * _offset_nibble(w_34, magic, POS + 4)
+    p += x1 * _offset_nibble(w_12, magic, POS)
+    p += x2 * _offset_nibble(w_12, magic, POS + 4)
+    p += x5 * _offset_nibble(w_56, magic, POS)
+    p += x6 * _offset_nibble(w_56, magic, POS + 4)
+    p += x7 * _offset_nibble(w_70, magic, POS)
+    p += x0 * _offset_nibble(w_70, magic, POS + 4)
+    offsets = (x1 + x3 + x5 + x7) * ((1 << (23 - POS)) + 8.0) + (x0 + x2 + x4 + x6) * ((1 << (19 - POS)) + 8.0)
+    return p, offsets
 
 
 @triton.jit
@@ -148,6 +205,12 @@ def _int4_word_products(w, x_ptrs, magic):
 
 
 @triton.jit
+def _offset_nibble(bits, magic, POS: tl.constexpr):
+    """2^(23 - POS) + n, float32, of the nibble n at bits POS..POS+3 (_nibble without its subtract)."""
+    return ((bits & (15 << POS)) | (magic - (POS << 23))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _nibble(bits, magic, POS: tl.constexpr):
     """q = n - 8 in float32 of the nibble n at bits POS..POS+3 of int32 words (POS <= 16). OR-ed
     into the mantissa of the float 2^(23 - POS), whose last place is then worth one, the nibble
@@ -155,8 +218,7 @@ def _nibble(bits, magic, POS: tl.constexpr):
     int-to-float conversion (quarter rate). magic: INT4_MAGIC, the bits of 2^23; those of
     2^(23 - POS) are magic - (POS << 23). A runtime value, it sits in a register: with two
     immediates (the mask and the float) the and + or would be two LOP3s, one immediate each."""
-    f = ((bits & (15 << POS)) | (magic - (POS << 23))).to(tl.float32, bitcast=True)  # 2^(23 - POS) + n
-    return f - ((1 << (23 - POS)) + 8)
+    return _offset_nibble(bits, magic, POS) - ((1 << (23 - POS)) + 8)
 
 
 def int4_gemv(x2: Tensor, w_words: Tensor, scales: Tensor, bias: Tensor | None, out: Tensor, m_bucket: int,
@@ -173,5 +235,6 @@ def int4_gemv(x2: Tensor, w_words: Tensor, scales: Tensor, bias: Tensor | None, 
     kernel[tile_grid(m, n)](
         x2, w_words, scales, out if bias is None else bias, out, m, n, k, m_bucket, INT4_MAGIC,
         x2.stride(0), w_words.stride(0), scales.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, HAS_BIAS=bias is not None, ACT=act, PDL=pdl, launch_pdl=pdl, **meta,
+        GROUP_SIZE=group_size, HAS_BIAS=bias is not None, ACT=act, PDL=pdl, OFFSET_POS=INT4_OFFSET_POS,
+        launch_pdl=pdl, **meta,
     )

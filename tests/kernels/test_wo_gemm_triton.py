@@ -98,6 +98,18 @@ def test_int4_gemv_bias_and_activation(act, m):
     torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("pos, bound", [(0, 2e-6), (12, 1.5e-4), (15, 3e-5)])
+def test_int4_gemv_offset_nibbles_precision(pos, bound, monkeypatch):
+    """Offset nibbles (INT4_OFFSET_POS) trade float32 precision for a subtract a weight: at
+    K = 4096 the output stays within `bound` of its largest value (exact nibbles: float32's own
+    sums), and POS 15 is tighter than 12; bfloat16's rounding alone is 2^-9."""
+    monkeypatch.setattr(I4, "INT4_OFFSET_POS", pos)
+    x, w_q, scales = wo_inputs(4, 128, 4096, (2,), n=16)
+    expected = W.wo_gemm_ref(x.double(), w_q, scales.double(), 4, 128)
+    error = (W.wo_gemm_triton(x * 3, w_q, scales, 4, 128).double() - 3 * expected).abs().max()
+    assert error / (3 * expected).abs().max() < bound
+
+
 def test_int4_gemv_steps_divide_the_groups():
     """SUBS: the groups of BLOCK_KB bytes, halved until they divide a row's groups."""
     subs = lambda k, gs, kb: I4._int4_subs_per_step({"K": k, "GROUP_SIZE": gs, "BLOCK_KB": kb})  # noqa: E731
