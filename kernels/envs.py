@@ -63,3 +63,10 @@ def trace_all_layers() -> bool:
     """`TRTLLM_TRACE_ALL_LAYERS=1`: torch.export traces every decoder layer, instead of the
     first three with copies of the third for the rest (frontend/tracer/layers.py)."""
     return os.environ.get("TRTLLM_TRACE_ALL_LAYERS", "0") == "1"
+
+
+def parallel_compile() -> bool:
+    """`TRTLLM_PARALLEL_COMPILE=0`: the CUDA-graph capture compiles each Triton kernel when it
+    first runs, one after another, instead of all of a step's first in a thread pool
+    (kernels/precompile.py), for comparison; on by default."""
+    return os.environ.get("TRTLLM_PARALLEL_COMPILE", "1") != "0"

@@ -48,6 +48,7 @@ only steps of one micro-batch.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -58,11 +59,14 @@ from tqdm.auto import tqdm
 
 from trtllm.kernels.attention import AttentionMetadata
 from trtllm.kernels.distributed import pipeline_broadcast
+from trtllm.kernels.precompile import parallel_compiles
 from trtllm.lowering.engine import Engine
 
 from .kv_cache import KVCachePool
 from .scheduler import ScheduledBatch, ScheduledSequence
 from .step_kernels import advance_ref, advance_triton
+
+logger = logging.getLogger(__name__)
 
 # `sample` of a greedy burst: the argmax and the next step's inputs run inside each step's graph
 GREEDY = "greedy"
@@ -263,6 +267,7 @@ class ModelRunner:
             return
         pool = torch.cuda.graph_pool_handle()
         shapes = [(t, 1) for t in self.prefill_buckets[::-1]] + [(b, b) for b in self.buckets[::-1]]
+        self._compile_kernels(shapes, progress)
         for shape in tqdm(shapes, desc="capturing CUDA graphs", disable=not progress, leave=False):
             start = time.perf_counter()
             self._inputs.fill([], *shape)  # all padding: writes no cache slot
@@ -285,6 +290,27 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
             kind = "decode" if tokens == seqs else "prefill"
             self.capture_seconds[f"{kind} {tokens}"] = round(time.perf_counter() - start, 3)
+
+    def _compile_kernels(self, shapes: Sequence[tuple[int, int]], progress: bool) -> None:
+        """Every Triton kernel the steps of `shapes` launch (their greedy tails too), compiled
+        in parallel before the capture runs them (kernels/precompile.py): each step runs once
+        with its Triton launches only compiling. A step that fails there (on the meaningless
+        values its kernels did not compute) ends the pass; the capture compiles what is left."""
+        start = time.perf_counter()
+        with parallel_compiles() as on:
+            if not on:
+                return
+            try:
+                for shape in tqdm(shapes, desc="compiling kernels", disable=not progress, leave=False):
+                    self._inputs.fill([], *shape)
+                    logits = self.engine(**self._inputs.inputs(*shape), **self._cache_inputs())
+                    if shape[0] == shape[1]:
+                        self._greedy_tail(logits)
+            except Exception as error:  # the capture compiles these kernels itself
+                logger.warning("compiling kernels in parallel stopped (%s: %s); the capture compiles the rest",
+                               type(error).__name__, error)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds["compile kernels"] = round(time.perf_counter() - start, 3)
 
     @property
     def num_graphs(self) -> int:
