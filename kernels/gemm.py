@@ -401,6 +401,9 @@ class GemmActPlan:
 
 
 PLAN_TOKEN_COUNTS = (1, 16, 256, 4096)  # decode, small batch decode, short and long prefill
+# Up to this many tokens a plan times the weight read from memory (_median_ms's copies), as
+# decode steps read it; above, as before, on one weight (prefill GEMMs are compute-bound).
+MEMORY_TIMED_TOKENS = 256
 
 
 def plan_gemm_act(
@@ -419,8 +422,9 @@ def plan_gemm_act(
 
     Each implementation runs once (compiling and autotuning) before it is timed; a time is
     the median of CUDA-graph replays (`triton.testing.do_bench_cudagraph`): decode steps run
-    in CUDA graphs, where host launch overhead is gone and only the kernels count; the weight
-    is read from memory, not L2, as a step reads it (`_median_ms`'s copies). CUDA only.
+    in CUDA graphs, where host launch overhead is gone and only the kernels count; up to
+    MEMORY_TIMED_TOKENS tokens the weight is read from memory, not L2, as a decode step reads
+    it (`_median_ms`'s copies). CUDA only.
     `implementations` limits the candidates to these keys of _IMPLEMENTATIONS; where only one
     is left at a token count it is not timed (its time reads nan).
     """
@@ -439,7 +443,7 @@ def plan_gemm_act(
             raise ValueError(f"plan_gemm_act: none of {list(implementations)} serves act={act!r} at {m} tokens")
         times = tuple(
             (name, _median_ms(_IMPLEMENTATIONS[name], x, weight, lt_bias if name == "cublaslt" else bias, act,
-                              cycle=(1,))
+                              cycle=(1,) if m <= MEMORY_TIMED_TOKENS else ())
              if len(names) > 1 else math.nan)
             for name in names
         )

@@ -420,7 +420,7 @@ def plan_fp8_gemm(
     x quantized before, outside the time (x_fp8, x_scale), as fp8_gemm gets it from a norm or
     activation fused with the quantization (fused_quant.py). A time is the median of
     CUDA-graph replays after a first call that compiles and autotunes, the weight read from
-    memory, not L2 (gemm's `_median_ms`).
+    memory, not L2, up to gemm.MEMORY_TIMED_TOKENS tokens (gemm's `_median_ms`).
     CUDA only. `implementations` limits the candidates to these keys of FP8_IMPLEMENTATIONS (as
     in gemm.plan_gemm_act, whose arguments these are, so that one gemm.GemmActPlanner serves
     both); where one is left at a token count it is not timed."""
@@ -441,6 +441,7 @@ def plan_fp8_gemm(
         x = torch.randn(m, k, generator=g, device=device).to(out_dtype)  # [M, K]
         x_args = quantize_fp8_triton(x) if quantized_x else (x, None)  # ([M, K] fp8, [M, 1]) or (x, None)
         args = (*x_args, w_fp8, w_scale, bias, act, out_dtype)
-        times.append((m, tuple((name, G._median_ms(FP8_IMPLEMENTATIONS[name], *args, cycle=(2, 3))
+        times.append((m, tuple((name, G._median_ms(FP8_IMPLEMENTATIONS[name], *args,
+                                                       cycle=(2, 3) if m <= G.MEMORY_TIMED_TOKENS else ())
                                 if len(names) > 1 else math.nan) for name in names)))
     return Fp8GemmPlan(n, k, out_dtype, act, has_bias, device, tuple(times), quantized_x)
