@@ -12,7 +12,10 @@ cache: the step's attention is one launch, not four.
 
 An fp8 cache (FP8): k_scale joins the softmax scale, v_scale multiplies the partial results
 before they are stored (the combine is linear in them), and the new token's key and value
-written here are rounded by kv_quant's rule, as write_kv_triton rounds them.
+written here are rounded by kv_quant's rule, as write_kv_triton rounds them. Under bfloat16 q
+the two products run in float16 (DOT_F16: q rounded to float16, keys and values converted
+from E4M3 by one instruction per two values; to bfloat16 they go through float32), with
+float32 sums; float16 holds every E4M3 value and q to three more bits than bfloat16.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, G2: tl.constexpr,
     CHUNK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
     PDL: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr,
-    FP8: tl.constexpr, HW_CAST: tl.constexpr,
+    FP8: tl.constexpr, HW_CAST: tl.constexpr, DOT_F16: tl.constexpr,
 ):
     pdl_start(PDL)
     b = tl.program_id(0)
@@ -190,6 +193,8 @@ def _decode_kernel(
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :],
                     other=0.0)  # [G, D]
+    if DOT_F16:  # an fp8 cache under bf16 q: E4M3 -> float16 is one conversion per two values
+        q = q.to(tl.float16)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -366,6 +371,7 @@ def _decode(q, out, cu, kv_lens, cache, tables, *, scale, sliding_window, softca
         CHUNK=max(2, min(16, 8192 // (g2 * block_d))),  # the combine's [G, CHUNK, D] tile
         WINDOW=sliding_window > 0, SOFTCAP=softcap > 0, PRECISION=_precision(q), PDL=pdl,
         ROPE=rope, INTERLEAVED=bool(interleaved), COMPUTE=compute, FP8=fp8, HW_CAST=hw_cast(),
+        DOT_F16=fp8 and q.dtype == torch.bfloat16 and envs.decode_fp8_dot_f16(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         launch_pdl=pdl, **(EAGER_ROUNDING if rope else {}),  # the new key rotated as rope_ref does
     )

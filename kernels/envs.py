@@ -70,3 +70,9 @@ def parallel_compile() -> bool:
     first runs, one after another, instead of all of a step's first in a thread pool
     (kernels/precompile.py), for comparison; on by default."""
     return os.environ.get("TRTLLM_PARALLEL_COMPILE", "1") != "0"
+
+
+def decode_fp8_dot_f16() -> bool:
+    """`TRTLLM_DECODE_FP8_F16=0`: the decode kernel's products over an fp8 KV cache in q's
+    bfloat16 instead of float16 (kernels/attention_decode.py), for comparison; on by default."""
+    return os.environ.get("TRTLLM_DECODE_FP8_F16", "1") != "0"

@@ -160,6 +160,18 @@ def test_triton_long_chunk_and_split_decode_fp8():
     assert counters_are_zero(device())
 
 
+def test_triton_split_decode_fp8_bfloat16_in_float16():
+    """Decodes over an fp8 cache under bfloat16 q: the kernel's products in float16
+    (DOT_F16), within bfloat16's tolerance of the reference (bfloat16 dots themselves are
+    what the interpreter gets wrong, so only this path runs on CPU)."""
+    seqs = [(600, 1), (300, 1), (5, 1)]
+    inputs = paged_step(seqs, block_size=16, dtype=torch.bfloat16, heads=(8, 2), head_dim=32)
+    out, cache, ref, ref_cache = run_fp8(inputs, kv_scales(0.5, 0.25), (32**-0.5, True, -1, 0.0))
+    assert out.dtype == torch.bfloat16
+    close(out, ref)
+    same_cache(cache, ref_cache)
+
+
 @pytest.mark.parametrize("splits, fused", [(4, True), (4, False), (1, True)])
 def test_triton_rope_decode_fp8(splits, fused, monkeypatch):
     """rope_cached_attention on decodes: the one kernel (split decode: the new key rotated,
